@@ -1,0 +1,405 @@
+"""
+A from-scratch LLaMA (LLaMA-1 and LLaMA-2) in one file, with Meta's names and numerics.
+
+    python -c "from model import *; m = Transformer(ModelArgs.from_name('tiny', vocab_size=1000)); print(m.num_params())"
+
+Parameter and module names are exactly Meta's (tok_embeddings, layers.{i}.attention.wq, ...,
+feed_forward.w1/w2/w3, attention_norm, ffn_norm, norm, output), so loading one of Meta's
+checkpoints is a key map, not a translation. Nothing distributed lives here: train.py applies
+activation checkpointing and FSDP from outside, sample.py applies tensor parallelism from outside.
+The loss lives in train.py too: the model only maps tokens to logits.
+
+Dimension legend used in the shape comments:
+    B  batch size                 T   tokens in this call
+    D  model width (dim)          V   vocabulary size
+    H  query heads                Hkv key/value heads (H / Hkv queries share one kv head: GQA)
+    hd head dim (D / H)           S   key/value length (the KV cache's length when decoding)
+"""
+
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelArgs:
+    # Field names are those of Meta's params.json, so that file loads as it is.
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None: as many kv heads as query heads (plain multi-head)
+    vocab_size: int = -1  # Meta writes -1: the tokenizer decides
+    multiple_of: int = 256  # the feed-forward width is rounded up to a multiple of this
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # Not in Meta's params.json:
+    max_seq_len: int = 2048  # longest sequence the RoPE table and the KV cache cover
+    resid_dropout: float = 0.0  # residual dropout of the top layer; the bottom layer gets 0
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError(f"dim {self.dim}, n_heads {self.n_heads} and n_kv_heads "
+                             f"{self.n_kv_heads} must divide evenly")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        """Meta's SwiGLU width: 2/3 of 4*dim (same FLOPs as a 4*dim GELU MLP), scaled, rounded up."""
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "ModelArgs":
+        """A preset from CONFIGS, with fields overridden (vocab_size, say)."""
+        if name not in CONFIGS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(CONFIGS)}")
+        return cls(**{**CONFIGS[name], **overrides})
+
+    @classmethod
+    def from_params(cls, path, **overrides) -> "ModelArgs":
+        """Read a Meta params.json (or ours, which adds max_seq_len, resid_dropout)."""
+        params = json.loads(Path(path).read_text())
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown key(s) {', '.join(unknown)}; expected some of "
+                             f"{', '.join(sorted(known))}")
+        return cls(**{**params, **overrides})
+
+
+# Meta's released shapes. Counts at vocab 32,000 (checked in tests/test_model.py):
+# llama-7b 6,738,415,616   llama-13b 13,015,864,320   llama-33b 32,528,943,616
+# llama-65b 65,285,660,672   llama2-70b 68,976,648,192
+CONFIGS = {
+    "llama-7b": dict(dim=4096, n_layers=32, n_heads=32, norm_eps=1e-6),
+    "llama-13b": dict(dim=5120, n_layers=40, n_heads=40, norm_eps=1e-6),
+    "llama-33b": dict(dim=6656, n_layers=60, n_heads=52, norm_eps=1e-6),
+    "llama-65b": dict(dim=8192, n_layers=80, n_heads=64, norm_eps=1e-6),
+    "llama2-7b": dict(dim=4096, n_layers=32, n_heads=32, max_seq_len=4096),
+    "llama2-13b": dict(dim=5120, n_layers=40, n_heads=40, max_seq_len=4096),
+    "llama2-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3,
+                       multiple_of=4096, max_seq_len=4096),
+    # The CPU demo and the tests: small enough to train in minutes on two cores, and with
+    # fewer kv heads than query heads so that grouped-query attention is always exercised.
+    "tiny": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, multiple_of=32, max_seq_len=1024),
+}
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (bf16 and fp16 go up, float64 stays): for norms and rotations."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 whatever the input dtype (as Meta does)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # In bf16 the mean of squares over 8192 channels would lose most of its precision.
+        xf = upcast(x)
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return out.type_as(x) * self.weight
+
+    def init_weights(self):
+        nn.init.ones_(self.weight)
+
+
+# Rotary embeddings, Meta's convention: the head dimension is read as hd/2 *adjacent pairs*
+# (x[2i], x[2i+1]) and pair i at position p is rotated by the angle p * theta^(-2i/hd). Meta's
+# code does this with complex numbers; here it is the same rotation in real arithmetic, which
+# torch.compile and every backend handle. Hugging Face instead rotates the halves (x[i],
+# x[i+hd/2]) and permutes the rows of wq and wk to compensate: convert.py undoes that
+# permutation, so Meta's weights load here unpermuted.
+def precompute_freqs_cis(head_dim: int, end: int, theta: float) -> torch.Tensor:
+    """cos and sin of every (position, pair) angle: (end, hd/2, 2), float32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(end, dtype=torch.float32), inv_freq)  # (end, hd/2)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)  # (end, hd/2, 2)
+
+
+def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs of x (B, T, H, hd) by freqs_cis (T or B,T, hd/2, 2)."""
+    B, T, H, hd = x.shape
+    xp = upcast(x).reshape(B, T, H, hd // 2, 2)  # (B, T, H, hd/2, 2): the pairs
+    fc = freqs_cis.view(-1, T, 1, hd // 2, 2)  # (1 or B, T, 1, hd/2, 2): broadcast over heads
+    cos, sin = fc[..., 0], fc[..., 1]
+    x0, x1 = xp[..., 0], xp[..., 1]
+    out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)  # (B, T, H, hd/2, 2)
+    return out.flatten(3).type_as(x)  # (B, T, H, hd)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values for decoding: static shapes, so the decode step compiles."""
+
+    def __init__(self, batch_size: int, n_kv_heads: int, max_seq_len: int, head_dim: int,
+                 dtype: torch.dtype, device=None):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)  # (B, Hkv, S, hd)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, Hkv, T, hd) at slots input_pos (T,); return the whole cache."""
+        self.k_cache[:, :, input_pos] = k
+        self.v_cache[:, :, input_pos] = v
+        return self.k_cache, self.v_cache  # (B, Hkv, S, hd) each
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.head_dim = args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.kv_cache: KVCache | None = None  # set by Transformer.setup_cache, for generation only
+
+    def forward(self, x, freqs_cis, mask=None, input_pos=None):
+        """x (B, T, D) -> (B, T, D). mask None means plain causal attention over x itself."""
+        B, T, _ = x.shape
+        # Head counts come from the weights' shapes (-1), not from args, so that tensor
+        # parallelism can hand each rank a slice of the heads without touching this code.
+        q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, H, hd)
+        k = self.wk(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, hd)
+        v = self.wv(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, hd)
+        q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or Hkv, T, hd)
+        if self.kv_cache is not None and input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, Hkv, S, hd)
+        # Grouped-query attention: each kv head serves H/Hkv query heads. SDPA does the
+        # grouping itself (enable_gqa) instead of materialising repeated keys and values.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=q.size(1) != k.size(1))  # (B, H, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*hd)
+        return self.wo(y)
+
+    def init_weights(self, out_std: float):
+        for w in (self.wq, self.wk, self.wv):
+            nn.init.normal_(w.weight, std=0.02)
+        nn.init.normal_(self.wo.weight, std=out_std)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down projection, back to the residual
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up projection
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def init_weights(self, out_std: float):
+        nn.init.normal_(self.w1.weight, std=0.02)
+        nn.init.normal_(self.w3.weight, std=0.02)
+        nn.init.normal_(self.w2.weight, std=out_std)
+
+
+def resid_dropout_rate(layer_id: int, n_layers: int, top: float) -> float:
+    """LIMA's residual dropout: 0 at the bottom layer rising linearly to `top` at the last.
+
+    LIMA (section 2) found dropout on the residual connections helps when fine-tuning on only
+    1,000 examples; lower layers hold general features and get little, upper layers most.
+    """
+    return top * layer_id / max(n_layers - 1, 1)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        # Dropout on each branch's output before it joins the residual stream; nn.Dropout
+        # is the identity in eval mode, so generation is deterministic.
+        self.resid_dropout = nn.Dropout(resid_dropout_rate(layer_id, args.n_layers, args.resid_dropout))
+
+    def forward(self, x, freqs_cis, mask=None, input_pos=None):
+        h = x + self.resid_dropout(self.attention(self.attention_norm(x), freqs_cis, mask, input_pos))
+        return h + self.resid_dropout(self.feed_forward(self.ffn_norm(h)))
+
+    def init_weights(self, out_std: float):
+        self.attention.init_weights(out_std)
+        self.feed_forward.init_weights(out_std)
+        self.attention_norm.init_weights()
+        self.ffn_norm.init_weights()
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        if args.vocab_size <= 0:
+            raise ValueError("ModelArgs.vocab_size is unset (Meta's params.json says -1): "
+                             "pass the tokenizer's vocabulary size")
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        # Not a saved weight: recomputed by init_buffers() after the model leaves the meta device.
+        self.register_buffer("freqs_cis", precompute_freqs_cis(args.head_dim, args.max_seq_len,
+                                                               args.rope_theta), persistent=False)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Training and scoring: tokens (B, T) -> logits (B, T, V), causal attention.
+
+        For rows that pack several conversations, positions (B, T) restart at 0 in each one
+        and doc_ids (B, T) number them, so that attention stays inside each conversation.
+        """
+        T = tokens.size(1)
+        freqs_cis = self.freqs_cis[:T] if positions is None else self.freqs_cis[positions]
+        mask = None if doc_ids is None else document_mask(doc_ids)
+        h = self.tok_embeddings(tokens)  # (B, T, D)
+        for layer in self.layers:
+            h = layer(h, freqs_cis, mask)
+        return self.output(self.norm(h))  # (B, T, V)
+
+    # ---- generation: a static KV cache, prefill then one token at a time ----
+
+    def setup_cache(self, batch_size: int, max_seq_len: int | None = None, dtype=None, device=None):
+        """Allocate a KV cache in every layer (sized from the weights, so TP shards get theirs)."""
+        max_seq_len = max_seq_len or self.args.max_seq_len
+        w = self.layers[0].attention.wk.weight
+        for layer in self.layers:
+            n_kv_heads = layer.attention.wk.weight.size(0) // self.args.head_dim
+            layer.attention.kv_cache = KVCache(batch_size, n_kv_heads, max_seq_len, self.args.head_dim,
+                                               dtype or w.dtype, device or w.device)
+
+    def forward_cached(self, tokens: torch.Tensor, input_pos: torch.Tensor,
+                       start: torch.Tensor | None = None) -> torch.Tensor:
+        """Decoding: tokens (B, T) written at cache slots input_pos (T,) -> logits (B, T, V).
+
+        Rows of a batch may be left-padded: row b's text begins at slot start[b] (B,), and the
+        slots before it are masked out. RoPE only sees position differences, so a row's offset
+        changes nothing in its attention scores.
+        """
+        S = self.layers[0].attention.kv_cache.k_cache.size(2)
+        slots = torch.arange(S, device=tokens.device)
+        mask = slots[None, :] <= input_pos[:, None]  # (T, S): causal over the cache
+        if start is not None:
+            mask = mask[None] & (slots[None, None, :] >= start[:, None, None])  # (B, T, S)
+            # A padding slot may see only itself: a query that sees nothing would give NaN,
+            # and a NaN value in the cache poisons every later query, even through a zero weight.
+            mask = mask | (slots[None, :] == input_pos[:, None])
+        mask = mask.view(-1, 1, *mask.shape[-2:])  # (B or 1, 1, T, S), broadcast over heads
+        freqs_cis = self.freqs_cis[input_pos]  # (T, hd/2, 2)
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, freqs_cis, mask, input_pos)
+        return self.output(self.norm(h))
+
+    # ---- initialisation, loading, vocabulary ----
+
+    def init_buffers(self):
+        """Fill the RoPE table (float32) on the device the parameters live on."""
+        device = self.tok_embeddings.weight.device
+        self.freqs_cis = precompute_freqs_cis(self.args.head_dim, self.args.max_seq_len,
+                                              self.args.rope_theta).to(device)
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Random init for training from scratch; separate from __init__ so a model built on the
+        meta device can be sharded first and then materialised (to_empty + init_weights).
+
+        N(0, 0.02) everywhere, except the two projections that write into the residual stream
+        (attention.wo, feed_forward.w2), chosen by role, which get 0.02 / sqrt(2 * n_layers)
+        so the residual's variance does not grow with depth (GPT-2).
+        """
+        self.init_buffers()
+        nn.init.normal_(self.tok_embeddings.weight, std=0.02)
+        out_std = 0.02 / math.sqrt(2 * self.args.n_layers)
+        for layer in self.layers:
+            layer.init_weights(out_std)
+        self.norm.init_weights()
+        nn.init.normal_(self.output.weight, std=0.02)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @torch.no_grad()
+    def grow_vocab(self, n_new: int):
+        """Add n_new tokens (LIMA's EOT) as new rows of tok_embeddings and output."""
+        self.tok_embeddings.weight = nn.Parameter(extend_vocab(self.tok_embeddings.weight, n_new))
+        self.output.weight = nn.Parameter(extend_vocab(self.output.weight, n_new))
+        self.tok_embeddings.num_embeddings = self.output.out_features = self.args.vocab_size = \
+            self.tok_embeddings.weight.size(0)
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype: torch.dtype | None = None,
+                        **overrides) -> "Transformer":
+        """Load a converted directory (params.json + model.pth, see convert.py).
+
+        Built on the meta device, then the memory-mapped tensors are assigned as the parameters:
+        on the CPU in the file's dtype a 65B load copies nothing and reads pages only when used.
+        """
+        path = Path(path)
+        for name in ("params.json", "model.pth"):
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"{path}: no {name}; expected a directory written by convert.py")
+        state_dict = torch.load(path / "model.pth", map_location="cpu", mmap=True, weights_only=True)
+        vocab_size = state_dict["tok_embeddings.weight"].size(0)
+        args = ModelArgs.from_params(path / "params.json", **{"vocab_size": vocab_size, **overrides})
+        with torch.device("meta"):
+            model = cls(args)
+        check_state_dict(model, state_dict, source=str(path / "model.pth"))
+        state_dict = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in state_dict.items()}
+        model.load_state_dict(state_dict, assign=True)
+        model.init_buffers()
+        return model.eval()
+
+
+def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) conversation ids -> (B, 1, T, T) bool: causal, and only within one conversation."""
+    T = doc_ids.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
+    return (causal & same_doc).unsqueeze(1)
+
+
+def extend_vocab(weight: torch.Tensor, n_new: int) -> torch.Tensor:
+    """Append n_new rows equal to the mean of the existing rows: (V, D) -> (V + n_new, D).
+
+    A new token starts at the centroid of the vocabulary: its embedding looks like an average
+    token to the layers above, and its output logit is the average logit, so it neither
+    dominates the softmax before training (as a random row of large norm can) nor starts
+    unreachably low (Hewitt 2021, "Initializing new word embeddings"). Mean in >= float32.
+    """
+    mean = upcast(weight).mean(dim=0, keepdim=True).to(weight.dtype)  # (1, D)
+    return torch.cat([weight, mean.expand(n_new, -1)], dim=0)
+
+
+def check_state_dict(model: nn.Module, state_dict: dict, source: str):
+    """Raise one clear error naming the first missing, unexpected or misshapen key."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    if missing or unexpected:
+        raise ValueError(f"{source}: {len(missing)} missing key(s) {missing[:3]}, "
+                         f"{len(unexpected)} unexpected {unexpected[:3]}")
+    for k, shape in expected.items():
+        if state_dict[k].shape != shape:
+            raise ValueError(f"{source}: {k} has shape {tuple(state_dict[k].shape)} but params.json "
+                             f"implies {tuple(shape)}")
