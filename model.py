@@ -391,8 +391,12 @@ def extend_vocab(weight: torch.Tensor, n_new: int) -> torch.Tensor:
     return torch.cat([weight, mean.expand(n_new, -1)], dim=0)
 
 
-def check_state_dict(model: nn.Module, state_dict: dict, source: str):
-    """Raise one clear error naming the first missing, unexpected or misshapen key."""
+def check_state_dict(model: nn.Module, state_dict: dict, source: str, config: str = "params.json"):
+    """Raise one clear error naming the first missing, unexpected or misshapen key.
+
+    The values only need a .shape (meta tensors will do); config names the file the model's shape
+    came from, for the message.
+    """
     expected = {k: v.shape for k, v in model.state_dict().items()}
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -401,5 +405,5 @@ def check_state_dict(model: nn.Module, state_dict: dict, source: str):
                          f"{len(unexpected)} unexpected {unexpected[:3]}")
     for k, shape in expected.items():
         if state_dict[k].shape != shape:
-            raise ValueError(f"{source}: {k} has shape {tuple(state_dict[k].shape)} but params.json "
+            raise ValueError(f"{source}: {k} has shape {tuple(state_dict[k].shape)} but {config} "
                              f"implies {tuple(shape)}")

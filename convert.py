@@ -1,0 +1,449 @@
+"""
+Weights in and out: Meta's LLaMA release or a Hugging Face copy -> this project's format -> HF.
+
+    python convert.py /path/to/llama/65B ckpt/llama-65b             # Meta: consolidated.*.pth, params.json
+    python convert.py /path/to/llama-65b-hf ckpt/llama-65b          # HF: config.json, *.safetensors or *.bin
+    python convert.py /path/to/llama/7B ckpt/llama-7b --dtype fp32  # cast on the way (default: keep the dtype)
+    python convert.py --to-hf lima-65b hf/lima-65b                  # back to HF, to serve a fine-tuned model
+
+The converted format, read by model.Transformer.from_pretrained, train.py --init and sample.py:
+    params.json      Meta's keys plus max_seq_len; vocab_size is the real number of embedding rows
+    tokenizer.model  the sentencepiece model, copied
+    model.pth        one torch.save'd dict of tensors under Meta's names, in the source's dtype;
+                     torch.load(path, mmap=True, weights_only=True) reads it without copying
+
+Streaming: 65B is 130 GB of bf16, so nothing here holds the model. model.pth is first written as an
+empty skeleton (the pickle and the zip index, with holes where the bytes go), then filled one layer
+at a time through a shared memory map of it, reading the sources memory-mapped too. Both maps are
+reopened for every layer, so the pages a layer touched leave this process with it: the peak is the
+interpreter plus two layers, whatever the depth, about 3.6 GB resident for 65B, nearly all of it
+file pages the kernel can reclaim (bench/bench_convert.py measures it). --to-hf writes HF's files of
+at most 5 GB one at a time, so it peaks near 6 GB. The output is built in a hidden folder beside DST
+and renamed when complete. Errors are one line, `error: ...`, exit status 2.
+"""
+
+import argparse
+import itertools
+import json
+import mmap
+import os
+import pickle
+import shutil
+import sys
+from contextlib import contextmanager
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import sentencepiece
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from tqdm import tqdm
+
+from model import ModelArgs, Transformer, check_state_dict
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+EOT = "<EOT>"  # LIMA's end-of-turn token, as data.py's Tokenizer names it: id = sentencepiece's size
+
+
+# ---- reading weights files ----
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def import_safetensors():
+    """The optional safetensors package (HF's weights format), with a clear error if it is missing."""
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise ValueError("Hugging Face weights need the safetensors package: pip install safetensors") from None
+    return safetensors
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of one weights file, memory-mapped: nothing is read until a tensor is used."""
+    safetensors = import_safetensors() if path.suffix == ".safetensors" else None
+    try:
+        if safetensors:
+            with safetensors.safe_open(path, framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}
+        tensors = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError:  # weights_only met a class or function: its pickle could run code
+        raise ValueError(f"{path}: refused: it pickles objects other than tensors, and loading "
+                         f"them could run code") from None
+    except Exception as e:  # a truncated file loses its zip index (or safetensors header) first
+        detail = str(e).partition("\n")[0]
+        raise ValueError(f"{path}: unreadable, truncated or not a checkpoint ({detail})") from None
+    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        raise ValueError(f"{path}: holds no dict of tensors")
+    return tensors
+
+
+def layer_of(key: str) -> str:
+    """'layers.7.attention.wq.weight' -> '7'; the embedding, final norm and output -> ''."""
+    return key.split(".")[1] if key.startswith("layers.") else ""
+
+
+# ---- Meta's model-parallel shards ----
+
+# How Meta's fairscale layers split each weight over the shards, by the weight's role:
+# ParallelEmbedding splits the embedding width (dim 1), ColumnParallelLinear the output rows (dim 0),
+# RowParallelLinear the input columns (dim 1). RMSNorm weights are copied whole into every shard.
+SHARD_DIM = {"tok_embeddings": 1, "wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0,
+             "wo": 1, "w2": 1}
+META_SHARDS = "consolidated.[0-9]*.pth"
+
+
+def shard_dim(key: str) -> int | None:
+    """The dim along which Meta's shards split this weight; None: every shard holds all of it."""
+    return SHARD_DIM.get(key.split(".")[-2])
+
+
+def meta_shard_paths(src: Path) -> list[Path]:
+    """consolidated.00.pth ... consolidated.{N-1}.pth, with none missing from the numbering."""
+    found = {int(p.name.split(".")[1]): p for p in src.glob(META_SHARDS)}
+    missing = [f"consolidated.{i:02d}.pth" for i in range(max(found) + 1) if i not in found]
+    if missing:
+        raise ValueError(f"{src}: {', '.join(missing)} missing (found {len(found)} shards)")
+    return [found[i] for i in range(len(found))]
+
+
+def read_meta(src: Path):
+    """Meta's release -> (args, the full tensors' shapes as meta tensors, fill: writes them)."""
+    paths = meta_shard_paths(src)
+    shards = [load_tensors(p) for p in paths]
+    first = shards[0]
+    for path, shard in zip(paths[1:], shards[1:]):
+        if shard.keys() != first.keys():
+            odd = sorted(shard.keys() ^ first.keys())[:3]
+            raise ValueError(f"{path}: the shards disagree: {odd} in one of it and {paths[0].name} only")
+        for k, t in shard.items():
+            if (t.shape, t.dtype) != (first[k].shape, first[k].dtype):
+                raise ValueError(f"{path}: the shards disagree: {k} is {tuple(t.shape)} {t.dtype} here, "
+                                 f"{tuple(first[k].shape)} {first[k].dtype} in {paths[0].name}")
+            if shard_dim(k) is None and not torch.equal(t, first[k]):  # norms: tiny to compare
+                raise ValueError(f"{path}: {k} differs from {paths[0].name}'s, but every shard of one "
+                                 f"model holds the same copy: the shards come from different models")
+    if not (src / "params.json").is_file():
+        raise ValueError(f"{src}: no params.json beside the shards")
+    args = ModelArgs.from_params(src / "params.json")
+    # Meta writes vocab_size -1 (the tokenizer decides) and no max_seq_len: LLaMA-1 was trained at
+    # 2048 tokens, the default (LLaMA-2 at 4096: edit params.json to use more).
+    if args.vocab_size <= 0:
+        args.vocab_size = first["tok_embeddings.weight"].size(0)
+    # A missing last shard leaves the numbering whole, but each shard holds 1/N of the heads.
+    wq = first.get("layers.0.attention.wq.weight")
+    if wq is not None and wq.size(0) * len(paths) != args.dim:
+        raise ValueError(f"{src}: {len(paths)} shard(s), but each holds {wq.size(0)} of wq's {args.dim} "
+                         f"rows: expected {args.dim // wq.size(0)} (consolidated.00.pth ...)")
+
+    def full(k: str) -> torch.Tensor:
+        shape = list(first[k].shape)
+        if shard_dim(k) is not None:
+            shape[shard_dim(k)] *= len(paths)
+        return torch.empty(shape, dtype=first[k].dtype, device="meta")
+
+    # rope.freqs is Meta's RoPE table: model.py computes its own.
+    layout = {k: full(k) for k in first if k != "rope.freqs"}
+
+    def fill(out: dict[str, torch.Tensor]):
+        shards = [load_tensors(p) for p in paths]  # reopened for each layer (see write_model)
+        for key, dst in out.items():
+            if shard_dim(key) is None:
+                dst.copy_(shards[0][key])
+                continue
+            # Shard i holds the i-th of N equal slices along the split dim: (..., D/N) or (rows/N, ...).
+            for part, shard in zip(dst.chunk(len(shards), dim=shard_dim(key)), shards):
+                part.copy_(shard[key])
+
+    return args, layout, fill
+
+
+# ---- Hugging Face (LlamaForCausalLM) ----
+
+HF_NAMES = {  # Meta's module names -> HF's; inside a layer both add the prefix layers.{i}
+    "tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head",
+    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+    "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+
+
+def hf_name(key: str) -> str:
+    """'layers.3.attention.wq.weight' -> 'model.layers.3.self_attn.q_proj.weight'."""
+    module = key.removesuffix(".weight")
+    if module.startswith("layers."):
+        _, i, rest = module.split(".", 2)
+        return f"model.layers.{i}.{HF_NAMES[rest]}.weight"
+    return f"{HF_NAMES[module]}.weight"
+
+
+# RoPE: Meta rotates adjacent pairs (x[2i], x[2i+1]) of each head, HF rotates the halves (x[i],
+# x[i + hd/2]). HF's conversion reorders the rows of wq and wk inside each head so that its
+# rotation computes the same scores: Meta's row (pair i, member j) becomes HF's row (half j, i).
+# q and k are reordered alike, so q.k, and so attention, is unchanged. wv and wo are not touched.
+def permute_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta's rows of wq or wk (H*hd, D) -> HF's."""
+    rows, dim = w.shape
+    w = w.view(n_heads, rows // n_heads // 2, 2, dim)  # (H, hd/2, 2, D): pair i, member j
+    return w.transpose(1, 2).reshape(rows, dim)  # (H, 2, hd/2, D) -> (H*hd, D): all first members, then seconds
+
+
+def permute_from_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF's rows of q_proj or k_proj (H*hd, D) -> Meta's: the inverse of permute_to_hf."""
+    rows, dim = w.shape
+    w = w.view(n_heads, 2, rows // n_heads // 2, dim)  # (H, 2, hd/2, D): half j, row i
+    return w.transpose(1, 2).reshape(rows, dim)  # (H, hd/2, 2, D) -> (H*hd, D): pairs adjacent again
+
+
+def rotated_heads(key: str, args: ModelArgs) -> int | None:
+    """The head count whose rows RoPE rotates in this weight: wq's H, wk's Hkv; None for the rest."""
+    return {"wq": args.n_heads, "wk": args.n_kv_heads}.get(key.split(".")[-2])
+
+
+def hf_weight_files(src: Path) -> list[Path]:
+    """An HF directory's weights: one file, or the shards that its index names."""
+    for index, single in (("model.safetensors.index.json", "model.safetensors"),
+                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        if (src / index).is_file():
+            files = sorted({src / f for f in read_json(src / index).get("weight_map", {}).values()})
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise ValueError(f"{src}: {index} names {', '.join(missing)}, which is missing")
+            return files
+        if (src / single).is_file():
+            return [src / single]
+    raise ValueError(f"{src}: config.json, but no model.safetensors, pytorch_model.bin or an index of shards")
+
+
+def args_from_hf(config: dict, vocab_size: int, path: Path) -> ModelArgs:
+    """HF's config.json -> ModelArgs."""
+    if config.get("model_type") != "llama":
+        raise ValueError(f"{path}: model_type {config.get('model_type')!r}; only LLaMA ('llama') converts")
+    if config.get("rope_scaling"):
+        raise ValueError(f"{path}: rope_scaling is set, and model.py has plain RoPE only")
+    try:
+        args = ModelArgs(dim=config["hidden_size"], n_layers=config["num_hidden_layers"],
+                         n_heads=config["num_attention_heads"], n_kv_heads=config.get("num_key_value_heads"),
+                         vocab_size=vocab_size, norm_eps=config["rms_norm_eps"],
+                         rope_theta=config.get("rope_theta", 10000.0), max_seq_len=config["max_position_embeddings"])
+        hidden = config["intermediate_size"]
+    except KeyError as e:
+        raise ValueError(f"{path}: no {e.args[0]!r}") from None
+    # HF stores the feed-forward width; Meta derives it from multiple_of (256 for LLaMA-1 and most
+    # of LLaMA-2) and ffn_dim_multiplier. When 256 does not give it, the width itself as
+    # multiple_of, with a multiplier that brings Meta's unrounded width up to it, always does.
+    if args.hidden_dim != hidden:
+        unrounded = replace(args, multiple_of=1).hidden_dim
+        args = replace(args, multiple_of=hidden, ffn_dim_multiplier=hidden / unrounded)
+    return args
+
+
+def read_hf(src: Path):
+    """An HF LLaMA directory -> (args, shapes under Meta's names as meta tensors, fill)."""
+    config = read_json(src / "config.json")
+    found = {}  # HF name -> (its file, a meta tensor: shape and dtype only)
+    for path in hf_weight_files(src):
+        found.update({name: (path, t.to("meta")) for name, t in load_tensors(path).items()})
+    if "model.embed_tokens.weight" not in found:
+        raise ValueError(f"{src}: no model.embed_tokens.weight in the weights files")
+    args = args_from_hf(config, found["model.embed_tokens.weight"][1].size(0), src / "config.json")
+    with torch.device("meta"):
+        names = {k: hf_name(k) for k in Transformer(args).state_dict()}
+    # Older conversions also saved HF's RoPE table (rotary_emb.inv_freq): model.py computes its own.
+    unexpected = sorted(n for n in found.keys() - set(names.values()) if not n.endswith("inv_freq"))
+    missing = [n for n in names.values() if n not in found]
+    if missing or unexpected:
+        raise ValueError(f"{src}: {len(missing)} missing tensor(s) {missing[:3]}, "
+                         f"{len(unexpected)} unexpected {unexpected[:3]}: not a LLaMA of this config.json?")
+    layout = {k: found[n][1] for k, n in names.items()}
+
+    def fill(out: dict[str, torch.Tensor]):
+        files = {p: load_tensors(p) for p in {found[names[k]][0] for k in out}}  # reopened per layer
+        for key, dst in out.items():
+            w = files[found[names[key]][0]][names[key]]
+            heads = rotated_heads(key, args)
+            dst.copy_(w if heads is None else permute_from_hf(w, heads))
+
+    return args, layout, fill
+
+
+# ---- writing ----
+
+@contextmanager
+def staging(dst: Path):
+    """Build the output in a hidden folder beside dst and rename it to dst once complete."""
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise ValueError(f"{dst}: exists and is not empty; choose a new directory")
+    tmp = dst.parent / f".tmp-{dst.name}"
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a run that was killed
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if dst.exists():
+        dst.rmdir()  # empty, checked above
+    tmp.rename(dst)
+
+
+def write_model(path: Path, layout: dict[str, torch.Tensor], fill):
+    """torch.save a dict shaped like layout (meta tensors), filled one layer at a time by fill(out)."""
+    with FakeTensorMode():  # tensors with a shape and a dtype but no memory
+        skeleton = {k: torch.empty(t.shape, dtype=t.dtype) for k, t in layout.items()}
+    with torch.serialization.skip_data(materialize_fake_tensors=True):
+        torch.save(skeleton, path)  # the pickle and the zip index, with holes where the bytes go
+    if hasattr(os, "posix_fallocate"):  # claim the disk now: a full disk is an error here, not a crash later
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
+    layers = [list(keys) for _, keys in itertools.groupby(layout, key=layer_of)]
+    for keys in tqdm(layers, desc=path.name, unit="layer", disable=None):
+        with torch.serialization.set_default_mmap_options(mmap.MAP_SHARED):  # writes reach the file
+            out = torch.load(path, mmap=True, weights_only=True)
+        fill({k: out[k] for k in keys})
+        del out  # unmapped: the written pages leave this process (the kernel writes them back)
+
+
+def convert(src, dst, dtype: torch.dtype | None = None):
+    """Meta's shards or an HF directory -> dst: params.json, tokenizer.model, model.pth."""
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise ValueError(f"{src}: no such directory")
+    if (src / "config.json").is_file():
+        (args, layout, fill), config, tokenizers = read_hf(src), "config.json", [src]
+    elif any(src.glob(META_SHARDS)):
+        # Meta's download puts tokenizer.model beside the model folders (7B/, 65B/, ...).
+        (args, layout, fill), config, tokenizers = read_meta(src), "params.json", [src, src.parent]
+    else:
+        raise ValueError(f"{src}: unknown layout: expected Meta's consolidated.*.pth and params.json, "
+                         f"or Hugging Face's config.json with *.safetensors or pytorch_model*.bin")
+    tokenizer = next((d / "tokenizer.model" for d in tokenizers if (d / "tokenizer.model").is_file()), None)
+    if tokenizer is None:
+        raise ValueError(f"{src}: no tokenizer.model (sentencepiece), which this project's tokenizer reads; "
+                         f"copy it from Meta's release")
+    with torch.device("meta"):
+        model = Transformer(args)
+    check_state_dict(model, layout, source=str(src), config=config)
+    layout = {k: torch.empty_like(layout[k], dtype=dtype or layout[k].dtype) for k in model.state_dict()}
+    with staging(dst) as tmp:
+        params = asdict(args)
+        params.pop("resid_dropout")  # a training setting, not part of the model's shape
+        (tmp / "params.json").write_text(json.dumps(params, indent=2))
+        shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+        write_model(tmp / "model.pth", layout, fill)
+    print(f"{src} -> {dst}: {model.num_params():,} parameters")
+
+
+# ---- export to Hugging Face ----
+
+def hf_tokenizer(tokenizer: Path, vocab_size: int, max_seq_len: int) -> tuple[dict[str, dict], int, int]:
+    """HF's tokenizer and generation files for this sentencepiece model; the bos and eos ids.
+
+    A fine-tuned model has one row more than the tokenizer has pieces: LIMA's EOT (data.py), which
+    becomes an added special token with that id. The model ends every answer with it and never learnt
+    to write </s>, so EOT is its eos token, for the tools that stop at the tokenizer's or the config's.
+    """
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer))
+    n = sp.get_piece_size()
+    if vocab_size not in (n, n + 1):
+        raise ValueError(f"{tokenizer}: {n} pieces, but the model has {vocab_size} embedding rows; "
+                         f"expected {n} (a base model) or {n + 1} (fine-tuned, with {EOT})")
+    pieces, eos_id = {i: sp.id_to_piece(i) for i in (sp.unk_id(), sp.bos_id(), sp.eos_id())}, sp.eos_id()
+    if vocab_size == n + 1:
+        pieces[n], eos_id = EOT, n
+    specials = dict(unk_token=pieces[sp.unk_id()], bos_token=pieces[sp.bos_id()], eos_token=pieces[eos_id])
+    added = {str(i): dict(content=p, lstrip=False, normalized=False, rstrip=False, single_word=False, special=True)
+             for i, p in pieces.items()}
+    tokenizer_config = dict(tokenizer_class="LlamaTokenizer", add_bos_token=True, add_eos_token=False, **specials,
+                            added_tokens_decoder=added, model_max_length=max_seq_len,
+                            clean_up_tokenization_spaces=False, legacy=True)  # legacy: as Meta's sentencepiece
+    # generate() stops at any id of a list: at EOT, and at </s> too should the model still write it.
+    stop = sp.eos_id() if eos_id == sp.eos_id() else [eos_id, sp.eos_id()]
+    files = {"tokenizer_config.json": tokenizer_config, "special_tokens_map.json": specials,
+             "generation_config.json": dict(bos_token_id=sp.bos_id(), eos_token_id=stop)}
+    return files, sp.bos_id(), eos_id
+
+
+def write_safetensors(model_pth: Path, dst: Path, args: ModelArgs, dtype: torch.dtype, max_file_bytes: int):
+    """model.pth -> HF's weights: names, permuted q/k, files of at most max_file_bytes and their index."""
+    safetensors = import_safetensors()
+    with torch.device("meta"):
+        shapes = Transformer(args).state_dict()
+    files, size = [[]], 0  # HF's convention for big models: files of a few GB, in the model's order
+    for k, t in shapes.items():
+        if files[-1] and size + t.numel() * dtype.itemsize > max_file_bytes:
+            files, size = files + [[]], 0
+        files[-1].append(k)
+        size += t.numel() * dtype.itemsize
+    names = ["model.safetensors"] if len(files) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
+    weight_map = {}
+    for name, keys in tqdm(list(zip(names, files)), desc="safetensors", unit="file", disable=None):
+        state_dict = load_tensors(model_pth)  # reopened per file: its pages leave with it
+        tensors = {}
+        for k in keys:
+            w, heads = state_dict[k].to(dtype), rotated_heads(k, args)
+            tensors[hf_name(k)] = w if heads is None else permute_to_hf(w, heads)
+        safetensors.torch.save_file(tensors, dst / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+        del state_dict, tensors
+    if len(files) > 1:
+        total = sum(t.numel() for t in shapes.values()) * dtype.itemsize
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def to_hf(src, dst, dtype: torch.dtype | None = None, max_file_bytes: int = 5 * 10**9):
+    """A converted directory -> an HF LLaMA directory: config.json, *.safetensors, tokenizer files."""
+    src, dst = Path(src), Path(dst)
+    for name in ("params.json", "model.pth", "tokenizer.model"):
+        if not (src / name).is_file():
+            raise ValueError(f"{src}: no {name}; expected a directory written by convert.py")
+    state_dict = load_tensors(src / "model.pth")
+    args = ModelArgs.from_params(src / "params.json", vocab_size=state_dict["tok_embeddings.weight"].size(0))
+    with torch.device("meta"):
+        check_state_dict(Transformer(args), state_dict, source=str(src / "model.pth"))
+    dtype = dtype or state_dict["tok_embeddings.weight"].dtype
+    del state_dict
+    tokenizer_files, bos_id, eos_id = hf_tokenizer(src / "tokenizer.model", args.vocab_size, args.max_seq_len)
+    config = dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=args.dim,
+        intermediate_size=args.hidden_dim, num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
+        num_key_value_heads=args.n_kv_heads, vocab_size=args.vocab_size, max_position_embeddings=args.max_seq_len,
+        rms_norm_eps=args.norm_eps, rope_theta=args.rope_theta, hidden_act="silu", tie_word_embeddings=False,
+        attention_bias=False, mlp_bias=False, initializer_range=0.02, use_cache=True,
+        bos_token_id=bos_id, eos_token_id=eos_id, torch_dtype=str(dtype).removeprefix("torch."))
+    with staging(dst) as tmp:
+        for name, content in [("config.json", config), *tokenizer_files.items()]:
+            (tmp / name).write_text(json.dumps(content, indent=2))
+        shutil.copyfile(src / "tokenizer.model", tmp / "tokenizer.model")
+        write_safetensors(src / "model.pth", tmp, args, dtype, max_file_bytes)
+    print(f"{src} -> {dst}: Hugging Face LLaMA, {config['torch_dtype']}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Convert LLaMA weights: Meta or HF -> this project, "
+                                                 "or this project -> HF (--to-hf).")
+    parser.add_argument("src", help="Meta's model folder, an HF folder, or (with --to-hf) a converted one")
+    parser.add_argument("dst", help="a new directory")
+    parser.add_argument("--to-hf", action="store_true", help="export a converted directory to HF's format")
+    parser.add_argument("--dtype", choices=DTYPES, help="cast the weights (default: keep the source's dtype)")
+    parser.error = fail  # a wrong option is one line too, not the usage and then the error
+    a = parser.parse_args(argv)
+    try:
+        (to_hf if a.to_hf else convert)(a.src, a.dst, DTYPES.get(a.dtype))
+    except (ValueError, OSError) as e:
+        fail(e)
+
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
