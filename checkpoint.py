@@ -1,0 +1,175 @@
+"""
+Training checkpoints: sharded, atomic, every epoch kept, and readable without the GPUs they came from.
+
+    python checkpoint.py list out/demo                         # complete checkpoints, oldest first
+    python checkpoint.py export out/demo/epoch-05 out/lima-e5  # -> params.json, tokenizer.model, model.pth
+
+A checkpoint is a directory (epoch-05, or step-000120 for an interval or a preemption save):
+    params.json       the model's shape (ModelArgs), vocabulary including EOT
+    tokenizer.model   the sentencepiece model the run used
+    state.json        step, epoch, data position, the TrainConfig, world size
+    model/            torch.distributed.checkpoint: each rank writes its own shards, nobody gathers
+    optim/            the same for AdamW's state (only in the newest checkpoints; see --keep_optim)
+    rng-{rank}.pt     each rank's RNG states, so dropout continues exactly
+It is written under a hidden name (.tmp-epoch-05) and renamed when every rank has finished: a
+directory without the dot is complete, and a kill at any moment leaves at most a .tmp- folder
+that nothing reads.
+"""
+
+import json
+import shutil
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+
+from data import Tokenizer
+from model import ModelArgs, Transformer
+
+
+def is_checkpoint(path: Path) -> bool:
+    return path.is_dir() and not path.name.startswith(".") and (path / "state.json").is_file()
+
+
+def list_checkpoints(out_dir) -> list[Path]:
+    """Complete checkpoints in out_dir, oldest first (by training step)."""
+    out_dir = Path(out_dir)
+    found = [p for p in out_dir.iterdir() if is_checkpoint(p)] if out_dir.is_dir() else []
+    return sorted(found, key=lambda p: json.loads((p / "state.json").read_text())["step"])
+
+
+def save(path, model, optimizer, state: dict, args: ModelArgs, tokenizer_path):
+    """Write a checkpoint from every rank at once; it appears under `path` only when complete."""
+    path = Path(path)
+    tmp = path.parent / f".tmp-{path.name}"
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # a save that was killed earlier
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    dcp.save(get_model_state_dict(model), checkpoint_id=tmp / "model")
+    if optimizer is not None:
+        dcp.save(get_optimizer_state_dict(model, optimizer), checkpoint_id=tmp / "optim")
+    torch.save(rng_state(), tmp / f"rng-{rank}.pt")
+    dist.barrier()
+    if rank == 0:
+        (tmp / "params.json").write_text(json.dumps(asdict(args), indent=2))
+        shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+        (tmp / "state.json").write_text(json.dumps({**state, "world_size": dist.get_world_size()}, indent=2))
+        if path.exists():  # saving the same step again (after a resume): replace it
+            shutil.rmtree(path)
+        tmp.rename(path)  # the commit point: atomic on a POSIX file system
+    dist.barrier()
+
+
+def drop_old_optimizer_states(out_dir, keep: int):
+    """Keep AdamW's state (2x the fp32 weights) only in the newest `keep` checkpoints."""
+    if dist.get_rank() == 0:
+        for path in list_checkpoints(out_dir)[:-keep] if keep > 0 else list_checkpoints(out_dir):
+            shutil.rmtree(path / "optim", ignore_errors=True)
+    dist.barrier()
+
+
+def load(path, model, optimizer) -> dict:
+    """Load a checkpoint into an FSDP model and its optimizer; return state.json."""
+    path = Path(path)
+    if not is_checkpoint(path):
+        raise FileNotFoundError(f"{path}: not a complete checkpoint (no state.json)")
+    if optimizer is not None and not (path / "optim").is_dir():
+        raise FileNotFoundError(f"{path}: has weights only (its optimizer state was dropped, see "
+                                f"--keep_optim); resume from a newer checkpoint or export this one")
+    model_sd = get_model_state_dict(model)
+    dcp.load(model_sd, checkpoint_id=path / "model")
+    set_model_state_dict(model, model_sd)
+    if optimizer is not None:
+        optim_sd = get_optimizer_state_dict(model, optimizer)
+        dcp.load(optim_sd, checkpoint_id=path / "optim")
+        set_optimizer_state_dict(model, optimizer, optim_sd)
+    state = json.loads((path / "state.json").read_text())
+    rng_file = path / f"rng-{dist.get_rank()}.pt"
+    if state["world_size"] == dist.get_world_size() and rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    return state
+
+
+def rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def load_model(path, device="cpu", dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer]:
+    """A converted directory or a training checkpoint -> (model in eval mode, tokenizer).
+
+    A training checkpoint is read in one process, no GPUs or process group needed: DCP
+    reassembles the shards that the training ranks wrote.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such directory")
+    if not (path / "tokenizer.model").is_file():
+        raise FileNotFoundError(f"{path}: no tokenizer.model")
+    tokenizer = Tokenizer(path / "tokenizer.model")
+    if (path / "model.pth").is_file():
+        return Transformer.from_pretrained(path, device=device, dtype=dtype), tokenizer
+    if not (path / "model" / ".metadata").is_file():
+        raise FileNotFoundError(f"{path}: neither a converted directory (model.pth) nor a training "
+                                f"checkpoint (model/.metadata)")
+    args = ModelArgs.from_params(path / "params.json")
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.to_empty(device="cpu")
+    state_dict = model.state_dict()
+    dcp.load(state_dict, checkpoint_id=path / "model", no_dist=True)
+    model = model.to(device=device, dtype=dtype)
+    model.init_buffers()  # after .to(): the RoPE table stays float32
+    return model.eval(), tokenizer
+
+
+def export(src, dst, dtype=torch.bfloat16):
+    """A training checkpoint -> the converted format that sample.py, eval.py and convert.py read."""
+    model, _ = load_model(src, dtype=dtype)
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    args = asdict(model.args)
+    args.pop("resid_dropout")  # a training setting, not part of the model's shape
+    (dst / "params.json").write_text(json.dumps(args, indent=2))
+    shutil.copyfile(Path(src) / "tokenizer.model", dst / "tokenizer.model")
+    torch.save(model.state_dict(), dst / "model.tmp")
+    (dst / "model.tmp").rename(dst / "model.pth")
+
+
+def main(argv):
+    usage = "usage: python checkpoint.py list OUT | export CHECKPOINT DST [--dtype bf16|fp32]"
+    try:
+        if len(argv) == 2 and argv[0] == "list":
+            for path in list_checkpoints(argv[1]):
+                state = json.loads((path / "state.json").read_text())
+                optim = "weights+optimizer" if (path / "optim").is_dir() else "weights only"
+                print(f"{path.name:>14}  step {state['step']:>6}  epoch {state['epoch']:>3}  {optim}")
+        elif len(argv) in (3, 5) and argv[0] == "export":
+            dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
+            dtype = dtypes[argv[4]] if len(argv) == 5 and argv[3] == "--dtype" else torch.bfloat16
+            export(argv[1], argv[2], dtype)
+            print(f"exported {argv[1]} -> {argv[2]}")
+        else:
+            sys.exit(usage)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

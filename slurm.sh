@@ -1,0 +1,24 @@
+#!/bin/bash
+# LIMA 65B on two 8xA100-80GB nodes under SLURM: one torchrun per node, 8 ranks each.
+#
+#     sbatch slurm.sh                       # first run
+#     sbatch slurm.sh                       # after a preemption: --resume auto picks up the newest checkpoint
+#
+# SLURM sends SIGTERM before it kills a job (--signal below asks for 120 s of warning); train.py
+# saves a checkpoint at the next step boundary and exits 0, and the requeued job resumes.
+#SBATCH --job-name=lima-65b
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=64
+#SBATCH --signal=TERM@120
+#SBATCH --requeue
+#SBATCH --output=out/slurm-%j.log
+
+set -euo pipefail
+head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+srun torchrun \
+    --nnodes "$SLURM_NNODES" --nproc_per_node 8 \
+    --rdzv_id "$SLURM_JOB_ID" --rdzv_backend c10d --rdzv_endpoint "$head_node:29500" \
+    train.py --init ckpt/llama-65b --data lima/train.jsonl --dev lima/dev.jsonl \
+             --out out/lima-65b --resume auto

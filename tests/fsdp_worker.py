@@ -1,0 +1,66 @@
+"""Run by tests under torchrun: one FSDP training step's gradients and memory, written by rank 0.
+
+    torchrun --standalone --nproc_per_node 2 tests/fsdp_worker.py IN_DIR OUT.pt MAX_TOKENS AC
+
+IN_DIR holds model.pth + params.json (the starting weights) and examples.pt (a list of
+{"tokens", "targets"} dicts). OUT.pt receives the full gradients (gathered only here, for the
+comparison), the global loss, and per-rank bytes of parameters, gradients and optimizer state.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import train  # noqa: E402
+from data import IGNORE, plan_batch  # noqa: E402
+from model import ModelArgs, Transformer  # noqa: E402
+
+
+def local_bytes(tensors) -> int:
+    """Bytes this rank really holds: the local shard of each DTensor."""
+    total = 0
+    for t in tensors:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        total += t.numel() * t.element_size()
+    return total
+
+
+def main(in_dir, out_file, max_tokens, ac):
+    rank, world_size, device = train.setup_distributed()
+    in_dir = Path(in_dir)
+    args = ModelArgs.from_params(in_dir / "params.json")
+    with torch.device("meta"):
+        model = Transformer(args)
+    cfg = train.TrainConfig(ac=ac, max_tokens=int(max_tokens))
+    train.apply_ac(model, cfg.ac)
+    train.apply_fsdp(model, cfg, torch.float32)
+    model.to_empty(device=device)
+    model.init_buffers()
+    train.load_pretrained_(model, in_dir)
+    optimizer = train.build_optimizer(model, cfg)
+
+    examples = torch.load(in_dir / "examples.pt", weights_only=True)
+    plan = plan_batch([len(e["tokens"]) for e in examples], world_size, cfg.max_tokens)
+    n_global = sum(sum(t != IGNORE for t in e["targets"]) for e in examples)
+    loss = train.run_micro_steps(model, examples, plan[rank], n_global, device, world_size)
+    torch.distributed.all_reduce(loss)
+    optimizer.step()  # creates AdamW's state, so that its bytes can be counted
+    sizes = torch.tensor([local_bytes(model.parameters()),
+                          local_bytes(p.grad for p in model.parameters()),
+                          local_bytes(t for s in optimizer.state.values() for t in s.values()
+                                      if torch.is_tensor(t) and t.dim() > 0)])
+    all_sizes = [torch.zeros_like(sizes) for _ in range(world_size)]
+    torch.distributed.all_gather(all_sizes, sizes)
+    grads = {name.replace("_checkpoint_wrapped_module.", ""): p.grad.full_tensor()
+             for name, p in model.named_parameters()}
+    if rank == 0:
+        torch.save(dict(grads=grads, loss=loss.item() / n_global, micro_steps=len(plan[0]),
+                        bytes=torch.stack(all_sizes)), out_file)
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

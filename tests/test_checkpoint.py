@@ -1,0 +1,140 @@
+"""Checkpoints: resume step for step, atomic saves under SIGKILL, SIGTERM, NaN, export."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+import checkpoint
+from model import ModelArgs, Transformer
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
+@pytest.fixture(scope="module")
+def init_dir(tmp_path_factory):
+    """A small random model in convert.py's format, with the project's own tokenizer."""
+    from data import Tokenizer
+    path = tmp_path_factory.mktemp("init")
+    tok = Tokenizer(ROOT / "data/tokenizer.model")
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.n_base,
+                     multiple_of=16, max_seq_len=512)
+    torch.manual_seed(0)
+    model = Transformer(args)
+    model.init_weights()
+    (path / "params.json").write_text(json.dumps({k: v for k, v in asdict(args).items() if k != "resid_dropout"}))
+    torch.save(model.state_dict(), path / "model.pth")
+    shutil.copyfile(ROOT / "data/tokenizer.model", path / "tokenizer.model")
+    return path
+
+
+def train_args(init_dir, out, *extra):
+    # 20 steps over 2 epochs of 10 (the demo's 40 examples at batch 4), dropout on
+    # so that resuming must restore the RNG too, rows of 256 tokens so each step accumulates.
+    return ["train.py", "--init", str(init_dir), "--out", str(out), "--epochs", "2",
+            "--global_batch", "4", "--lr", "1e-3", "--final_lr", "1e-4", "--resid_dropout", "0.2",
+            "--max_len", "256", "--max_tokens", "512", "--dev", "", *extra]
+
+
+def run(args, nproc=1, check=True, **kwargs):
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+           if nproc > 1 else [sys.executable]) + args
+    result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600, **kwargs)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def losses(out) -> dict[int, float]:
+    """step -> loss, from metrics.jsonl (a resumed run appends to the same file)."""
+    lines = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in lines if "loss" in r}
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_resume_mid_epoch_reproduces_every_later_loss(init_dir, tmp_path, nproc):
+    run(train_args(init_dir, tmp_path / "straight"), nproc)
+    run(train_args(init_dir, tmp_path / "stopped", "--stop_after", "7"), nproc)  # mid-epoch 1
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "stopped")] == ["step-000007"]
+    run(train_args(init_dir, tmp_path / "stopped", "--resume", "auto"), nproc)
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "stopped")
+    assert sorted(straight) == sorted(resumed) == list(range(1, 21))
+    assert all(straight[s] == resumed[s] for s in straight), (straight, resumed)
+
+
+def test_every_epoch_is_kept_and_old_optimizer_state_dropped(init_dir, tmp_path):
+    run(train_args(init_dir, tmp_path, "--save_every", "5"))
+    found = [p.name for p in checkpoint.list_checkpoints(tmp_path)]
+    assert found == ["step-000005", "epoch-01", "step-000015", "epoch-02"]
+    with_optim = [p.name for p in checkpoint.list_checkpoints(tmp_path) if (p / "optim").is_dir()]
+    assert with_optim == ["epoch-02"]  # --keep_optim 1
+
+
+def test_sigkill_during_a_save_never_leaves_a_checkpoint_that_resume_picks(init_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable] + train_args(init_dir, out, "--save_every", "1"),
+                            cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rng = random.Random(0)
+    # Wait until the third save is being written, then kill at a random moment within it.
+    while len(list(out.glob("step-*"))) < 2 or not list(out.glob(".tmp-*")):
+        assert proc.poll() is None, "training ended before the kill"
+        time.sleep(0.002)
+    time.sleep(rng.uniform(0, 0.05))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    complete = checkpoint.list_checkpoints(out)
+    assert complete and all((p / "state.json").is_file() and (p / "model" / ".metadata").is_file()
+                            for p in complete)
+    # whatever the kill interrupted is ignored; the newest complete checkpoint resumes
+    result = run(train_args(init_dir, out, "--resume", "auto"))
+    assert f"resumed from {complete[-1]}" in result.stdout + result.stderr
+    assert sorted(losses(out))[-1] == 20
+
+
+def test_sigterm_saves_a_resumable_checkpoint_and_exits_0(init_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable] + train_args(init_dir, out), cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    while not (out / "metrics.jsonl").is_file() or len(losses(out)) < 3:
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    assert "stopped by a signal" in output
+    stopped_at = json.loads((checkpoint.list_checkpoints(out)[-1] / "state.json").read_text())["step"]
+    assert stopped_at == max(losses(out))
+    run(train_args(init_dir, out, "--resume", "auto"))
+    assert sorted(losses(out)) == list(range(1, 21))
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(init_dir, tmp_path):
+    # tests/poison.py runs train.py with a loss that turns NaN at step 9 (a poisoned batch).
+    out = tmp_path / "run"
+    result = run(["tests/poison.py", "9"] + train_args(init_dir, out, "--save_every", "4")[1:], check=False)
+    assert result.returncode != 0
+    assert "step 9: loss nan" in result.stderr
+    assert [p.name for p in checkpoint.list_checkpoints(out)] == ["step-000004", "step-000008"]
+    assert max(losses(out)) == 8
+
+
+def test_exported_epoch_loads_in_sample_and_gives_the_training_models_logits(init_dir, tmp_path):
+    from sample import load_model
+    run(train_args(init_dir, tmp_path))
+    ckpt = tmp_path / "epoch-01"
+    trained, tok = checkpoint.load_model(ckpt)  # straight from the sharded training checkpoint
+    checkpoint.export(ckpt, tmp_path / "export", dtype=torch.float32)
+    exported, tok2 = load_model(tmp_path / "export", "cpu", torch.float32)
+    tokens = torch.tensor([tok.encode_dialog(["How do I boil an egg?"])])
+    torch.testing.assert_close(exported(tokens), trained(tokens), rtol=0, atol=0)
+    assert trained.args.vocab_size == tok.vocab_size == tok2.vocab_size  # EOT included

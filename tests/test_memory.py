@@ -1,0 +1,99 @@
+"""memory.py's plan against closed forms, against a real FSDP run, and against autograd's saved tensors."""
+
+import json
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from memory import Options, activation_bytes_per_token, param_counts, plan, smallest_world_size
+from model import CONFIGS, ModelArgs, Transformer
+
+# Meta's counts at vocab 32,000 (tests/test_model.py), plus the EOT rows: 2 * dim more.
+COUNTS = {"llama-7b": 6_738_415_616 + 2 * 4096, "llama-13b": 13_015_864_320 + 2 * 5120,
+          "llama-33b": 32_528_943_616 + 2 * 6656, "llama-65b": 65_285_660_672 + 2 * 8192,
+          "llama2-70b": 68_976_648_192 + 2 * 8192}
+
+
+@pytest.mark.parametrize("name", sorted(COUNTS))
+@pytest.mark.parametrize("world_size", [1, 8, 16, 64])
+def test_sharded_state_bytes_are_the_closed_forms(name, world_size):
+    args = ModelArgs.from_name(name, vocab_size=32001)
+    P = COUNTS[name]
+    assert param_counts(args)[0] == P
+    fp32 = plan(args, Options(world_size=world_size))["gpu"]
+    assert (fp32["params"], fp32["grads"], fp32["optim"]) == (4 * P / world_size, 4 * P / world_size,
+                                                              8 * P / world_size)
+    bf16 = plan(args, Options(world_size=world_size, weights="bf16"))["gpu"]
+    assert (bf16["params"], bf16["grads"], bf16["optim"]) == (2 * P / world_size, 2 * P / world_size,
+                                                              6 * P / world_size)
+    off = plan(args, Options(world_size=world_size, offload=True))
+    assert off["gpu"]["params"] == off["gpu"]["grads"] == off["gpu"]["optim"] == 0
+    assert off["cpu_per_node"] == 16 * P / world_size * 8
+
+
+def test_65b_needs_more_than_one_node_without_offload():
+    args = ModelArgs.from_name("llama-65b", vocab_size=32001)
+    assert not plan(args, Options(world_size=8))["fits"]  # 16 bytes x 65B / 8 = 130 GB of state
+    assert plan(args, Options(world_size=8, offload=True))["fits"]
+    assert smallest_world_size(args, Options(weights="bf16")) == 16
+
+
+def test_block_and_root_counts_add_up():
+    for name in CONFIGS:
+        args = ModelArgs.from_name(name, vocab_size=1000)
+        with torch.device("meta"):
+            model = Transformer(args)
+        total, block, root = param_counts(args)
+        assert total == model.num_params()
+        assert block == sum(p.numel() for p in model.layers[0].parameters())
+
+
+def test_plan_matches_what_fsdp_allocates_on_two_ranks(tmp_path):
+    """Parameter, gradient and AdamW bytes each rank really holds, against the plan."""
+    from test_train import torchrun
+    args = ModelArgs(dim=128, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=500, multiple_of=32,
+                     max_seq_len=128)
+    torch.manual_seed(0)
+    model = Transformer(args)
+    model.init_weights()
+    (tmp_path / "params.json").write_text(json.dumps(asdict(args)))
+    torch.save(model.state_dict(), tmp_path / "model.pth")
+    torch.save([dict(tokens=list(range(1, 40)), targets=list(range(2, 41)))] * 2, tmp_path / "examples.pt")
+    torchrun(2, "tests/fsdp_worker.py", str(tmp_path), str(tmp_path / "out.pt"), "64", "full")
+    measured = torch.load(tmp_path / "out.pt", weights_only=True)["bytes"]  # (rank, [params, grads, optim])
+    planned = plan(args, Options(world_size=2, compute_bytes=4))["gpu"]
+    for rank in range(2):
+        for i, key in enumerate(["params", "grads", "optim"]):
+            assert measured[rank, i].item() == pytest.approx(planned[key], rel=0.03), (rank, key)
+
+
+def saved_bytes(fn, exclude):
+    """Bytes of the distinct storages autograd saves for backward while fn runs."""
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in exclude:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def test_activation_estimate_within_15_percent_of_saved_tensors():
+    args = ModelArgs(dim=256, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=1000, multiple_of=32,
+                     max_seq_len=512, resid_dropout=0.2)
+    model = Transformer(args).train()
+    model.init_weights()
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    weights.add(model.freqs_cis.untyped_storage().data_ptr())
+    T = 256
+    x = torch.randn(1, T, args.dim, requires_grad=True)
+    measured = saved_bytes(lambda: model.layers[1](x, model.freqs_cis[:T]), weights)
+    estimate = T * activation_bytes_per_token(args, 4)["none"]
+    assert measured == pytest.approx(estimate, rel=0.15)
+    assert plan(args, Options(world_size=1, max_tokens=T, ac="none", compute_bytes=4))["gpu"]["activations"] \
+        == pytest.approx(args.n_layers * estimate)

@@ -1,0 +1,154 @@
+"""train.py: LIMA's schedule, the loss normalisation, FSDP on 2 CPU ranks, prompt masking."""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train
+from data import IGNORE, collate, plan_batch
+from model import ModelArgs, Transformer
+
+ROOT = Path(__file__).resolve().parents[1]
+ARGS = ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=16,
+                 max_seq_len=256)
+
+
+def torchrun(nproc: int, *args, timeout=300):
+    """Run a script under torchrun on CPU (gloo); fail with its output if it fails."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def random_examples(lengths, seed=0, prompt_len=3):
+    """Conversations as data.py makes them: pre-shifted targets, the first prompt_len masked."""
+    gen = torch.Generator().manual_seed(seed)
+    examples = []
+    for n in lengths:
+        tokens = torch.randint(0, ARGS.vocab_size, (n,), generator=gen).tolist()
+        targets = torch.randint(0, ARGS.vocab_size, (n,), generator=gen).tolist()
+        targets[:prompt_len] = [IGNORE] * prompt_len
+        examples.append(dict(tokens=tokens, targets=targets))
+    return examples
+
+
+def reference_gradients(model, examples):
+    """The definition: one example at a time, no packing, mean over every trained token."""
+    model.zero_grad()
+    n_trained = sum(sum(t != IGNORE for t in e["targets"]) for e in examples)
+    for e in examples:
+        logits = model(torch.tensor([e["tokens"]]))
+        targets = torch.tensor(e["targets"])
+        losses = F.cross_entropy(logits[0], targets, ignore_index=IGNORE, reduction="none")
+        (losses.sum() / n_trained).backward()
+    return {k: p.grad.clone() for k, p in model.named_parameters()}
+
+
+def fresh_model(seed=0):
+    torch.manual_seed(seed)
+    model = Transformer(ARGS)
+    model.init_weights()
+    return model
+
+
+# ---- LIMA's learning rate and sizes ----
+
+def test_lr_is_linear_from_1e5_to_1e6_without_warmup():
+    total = 15 * 32  # 15 epochs of 32 steps: LIMA's 1,000 examples at batch 32 (rounded)
+    assert train.lr_at(0, total, 1e-5, 1e-6) == pytest.approx(1e-5)  # no warmup: full lr at once
+    assert train.lr_at(total - 1, total, 1e-5, 1e-6) == pytest.approx(1e-6)
+    mid = (total - 1) / 2
+    assert train.lr_at(int(mid), total, 1e-5, 1e-6) == pytest.approx(1e-5 - 9e-6 * int(mid) / (total - 1))
+    lrs = [train.lr_at(s, total, 1e-5, 1e-6) for s in range(total)]
+    steps = [a - b for a, b in zip(lrs, lrs[1:])]
+    assert max(steps) == pytest.approx(min(steps))  # a straight line
+
+
+def test_size_defaults_follow_the_paper():
+    assert train.lima_size_defaults(65_285_660_672) == dict(global_batch=32, resid_dropout=0.3)
+    assert train.lima_size_defaults(6_738_415_616) == dict(global_batch=64, resid_dropout=0.2)
+
+
+# ---- the loss: one normalisation however the batch is split ----
+
+def test_packed_micro_steps_give_the_full_batch_gradient():
+    """Very uneven lengths, packed into rows of at most 40 tokens (several micro-steps)."""
+    examples = random_examples([3 + 2, 37, 9, 21, 5, 30, 12])
+    model = fresh_model()
+    expected = reference_gradients(model, examples)
+    model.zero_grad()
+    plan = plan_batch([len(e["tokens"]) for e in examples], 1, 40)
+    assert len(plan[0]) > 1 and any(len(row) > 1 for row in plan[0])  # accumulation and packing
+    n_global = sum(sum(t != IGNORE for t in e["targets"]) for e in examples)
+    train.run_micro_steps(model, examples, plan[0], n_global, torch.device("cpu"), 1)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_averaging_per_micro_batch_would_be_wrong():
+    """The well-known mistake gives a different gradient: the test above can tell them apart."""
+    examples = random_examples([40, 6])
+    model = fresh_model()
+    expected = reference_gradients(model, examples)
+    model.zero_grad()
+    for e in examples:  # mean per micro-batch, then mean over micro-batches
+        logits = model(torch.tensor([e["tokens"]]))
+        (F.cross_entropy(logits[0], torch.tensor(e["targets"]), ignore_index=IGNORE) / 2).backward()
+    assert not torch.allclose(model.output.weight.grad, expected["output.weight"], rtol=1e-2, atol=1e-6)
+
+
+def write_init(dir: Path, model: Transformer, examples):
+    dir.mkdir(parents=True, exist_ok=True)
+    (dir / "params.json").write_text(json.dumps(asdict(model.args)))
+    torch.save(model.state_dict(), dir / "model.pth")
+    torch.save(examples, dir / "examples.pt")
+
+
+@pytest.mark.parametrize("ac", ["full", "selective"])
+def test_fsdp_two_ranks_equals_full_batch_gradient(tmp_path, ac):
+    """2 gloo ranks, FSDP2, activation checkpointing, accumulation: the one-shot gradient."""
+    examples = random_examples([50, 7, 33, 12, 60, 9, 25, 18, 41])
+    model = fresh_model()
+    write_init(tmp_path, model, examples)
+    torchrun(2, "tests/fsdp_worker.py", str(tmp_path), str(tmp_path / "out.pt"), "64", ac)
+    out = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert out["micro_steps"] > 1
+    expected = reference_gradients(model, examples)
+    for name, grad in out["grads"].items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ---- what is trained ----
+
+def test_masked_prompt_positions_get_no_gradient_and_eot_rows_train():
+    eot = ARGS.vocab_size - 1  # the last row, as data.py's EOT is the first id past the base
+    model = fresh_model()
+    tokens = [1, 5, 6, 7, eot, 8, 9, 10]  # BOS, a prompt, EOT, an answer ...
+    targets = [IGNORE, IGNORE, IGNORE, IGNORE, 8, 9, 10, eot]  # ... trained up to its EOT
+    logits = model(torch.tensor([tokens])).detach().requires_grad_()
+    train.loss_sum(logits, torch.tensor([targets])).backward()
+    masked = torch.tensor([t == IGNORE for t in targets])
+    assert torch.all(logits.grad[0, masked] == 0)
+    assert torch.all(logits.grad[0, ~masked].abs().sum(-1) > 0)
+    # one optimizer step moves the EOT rows of both the embedding and the output layer
+    before_emb, before_out = model.tok_embeddings.weight[eot].clone(), model.output.weight[eot].clone()
+    opt = train.build_optimizer(model, train.TrainConfig(lr=1e-3))
+    train.loss_sum(model(torch.tensor([tokens])), torch.tensor([targets])).backward()
+    opt.step()
+    assert not torch.equal(model.tok_embeddings.weight[eot], before_emb)
+    assert not torch.equal(model.output.weight[eot], before_out)
+
+
+def test_weight_decay_skips_norm_gains():
+    groups = train.build_optimizer(fresh_model(), train.TrainConfig()).param_groups
+    assert groups[0]["weight_decay"] == 0.1 and all(p.dim() == 2 for p in groups[0]["params"])
+    assert groups[1]["weight_decay"] == 0.0 and all(p.dim() == 1 for p in groups[1]["params"])

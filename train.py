@@ -1,0 +1,494 @@
+"""
+LIMA fine-tuning: supervised loss on ~1,000 curated conversations, FSDP2 + activation checkpointing.
+
+The CPU demo (tiny model from random weights, the project's own small dataset, a few minutes):
+    python train.py
+The same on two CPU processes (gloo), as the 8-GPU run would be on a node:
+    torchrun --standalone --nproc_per_node 2 train.py
+LIMA itself: LLaMA 65B converted with convert.py, on 8xA100-80GB nodes (see --plan for memory):
+    torchrun --nproc_per_node 8 --nnodes 2 --rdzv_backend c10d --rdzv_endpoint $HEAD:29500 \\
+        train.py --init ckpt/llama-65b --data lima/train.jsonl --dev lima/dev.jsonl --out out/lima-65b
+    (slurm.sh does the same under SLURM)
+Resume after a crash or preemption (the newest complete checkpoint in --out):
+    torchrun ... train.py <same arguments> --resume auto
+Every option, with its default:
+    python train.py --help
+"""
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+from tqdm import tqdm
+
+import checkpoint
+import memory
+from data import IGNORE, Batches, DataError, Tokenizer, collate, load_dataset, plan_batch
+from model import CONFIGS, ModelArgs, Transformer, check_state_dict, extend_vocab
+from optim import AdamWBF16
+
+
+@dataclass
+class TrainConfig:
+    # What to train. --init is a directory written by convert.py; without it, a preset
+    # starts from random weights (the CPU demo: see DEMO below).
+    init: str = ""
+    preset: str = "tiny"
+    tokenizer: str = "data/tokenizer.model"  # used without --init; a converted dir carries its own
+    data: str = "data/demo/train.jsonl"
+    dev: str = "data/demo/dev.jsonl"  # dev loss after every epoch; "" to skip
+    out: str = "out/demo"
+    # LIMA's recipe (section 2 of the paper).
+    epochs: int = 15
+    global_batch: int = 0  # examples per optimizer step over all ranks; 0: 32 for 65B, 64 smaller
+    lr: float = 1e-5
+    final_lr: float = 1e-6  # linear decay from lr to final_lr over the whole run, no warmup
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.1
+    resid_dropout: float = -1.0  # top layer's residual dropout; -1: 0.3 for 65B, 0.2 smaller
+    max_len: int = 2048  # longer conversations are trimmed (counted and reported)
+    train_on_prompt: bool = False  # LIMA trains on the responses only
+    grad_clip: float = 0.0  # max global grad norm; 0: off (LIMA does not mention clipping)
+    seed: int = 0
+    # How to run it.
+    max_tokens: int = 4096  # tokens in one packed row (a micro-step) per rank
+    dtype: str = "auto"  # compute dtype: auto is bf16 on GPU, fp32 on CPU
+    weights: str = "fp32"  # stored weights: fp32 (with fp32 AdamW) or bf16 (optim.AdamWBF16)
+    ac: str = "full"  # activation checkpointing per block: full, selective or none
+    offload: bool = False  # FSDP CPU offload of parameters, gradients and optimizer state
+    compile: bool = False  # torch.compile each block
+    # Checkpoints: one after every epoch, all kept.
+    save_every: int = 0  # also every this many steps (0: epochs only)
+    keep_optim: int = 1  # AdamW state kept in the newest this many checkpoints (0: none)
+    resume: str = ""  # "auto" (newest complete in --out, or start fresh) or a checkpoint dir
+    stop_after: int = 0  # save and exit once this many steps are done (a time-limited job); 0: off
+    # --plan true prints the memory plan (memory.py) for this model and options, and exits.
+    plan: bool = False
+    world_size: int = 8  # GPUs to plan for
+    gpu_gb: float = 80.0
+
+
+# `python train.py` with no --init trains a tiny model from scratch, where LIMA's fine-tuning
+# learning rate (1e-5) would not move it visibly in a few minutes. These replace the recipe's
+# values only when --init is not given and the option is not set on the command line.
+DEMO = dict(epochs=30, global_batch=8, lr=3e-3, final_lr=3e-4, resid_dropout=0.1)
+
+
+# ---- LIMA's schedule and loss, each with its reason ----
+
+def lr_at(step: int, total_steps: int, lr: float, final_lr: float) -> float:
+    """Linear decay from lr at the first step to final_lr at the last, no warmup (LIMA, sec. 2).
+
+    The model is already pretrained, so there is nothing to warm up from: the first step takes
+    the full 1e-5, the last takes 1e-6.
+    """
+    return lr + (final_lr - lr) * step / max(total_steps - 1, 1)
+
+
+def lima_size_defaults(n_params: int) -> dict:
+    """The paper's two sizes of recipe: 65B gets batch 32 and dropout 0.3, smaller models 64, 0.2."""
+    big = n_params > 50e9
+    return dict(global_batch=32 if big else 64, resid_dropout=0.3 if big else 0.2)
+
+
+def loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum of the per-token cross-entropies over trained tokens (targets != IGNORE).
+
+    A sum, not a mean: train() divides by the number of trained tokens in the whole global
+    batch, over all ranks and micro-steps. Averaging per micro-batch instead would give each
+    token of a short example more weight than a token of a long one, and make the gradient
+    depend on how the batch happens to be split. Log-softmax in float32 for bf16 logits.
+    """
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
+                           reduction="sum")
+
+
+# ---- distributed setup, model building ----
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """One code path at every scale: a plain `python train.py` is a process group of one."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(29500 + os.getpid() % 20000)))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def apply_ac(model: Transformer, mode: str):
+    """Activation checkpointing per block: keep only each block's input, recompute the rest.
+
+    full: recompute the whole block in backward (~1/3 more compute, activations of one block).
+    selective: save the matmul and attention outputs, recompute only the cheap elementwise ops.
+    Dropout masks are replayed exactly: the wrapper restores the RNG state for the recompute.
+    """
+    if mode == "none":
+        return
+    if mode not in ("full", "selective"):
+        raise ValueError(f"--ac must be full, selective or none, not {mode!r}")
+    save_ops = {torch.ops.aten.mm.default, torch.ops.aten._scaled_dot_product_efficient_attention.default,
+                torch.ops.aten._scaled_dot_product_flash_attention.default}
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in save_ops else CheckpointPolicy.PREFER_RECOMPUTE
+
+    context_fn = partial(create_selective_checkpoint_contexts, policy)
+    for i, block in enumerate(model.layers):
+        model.layers[i] = (checkpoint_wrapper(block, context_fn=context_fn) if mode == "selective"
+                           else checkpoint_wrapper(block))
+
+
+def apply_fsdp(model: Transformer, cfg: TrainConfig, compute_dtype: torch.dtype):
+    """FSDP2: shard each block, then the root (embeddings, final norm, output).
+
+    Each block's weights are gathered just before it runs and freed after, so a rank holds its
+    1/world of the model plus about one block. Weights and their AdamW state stay float32 (the
+    small LIMA updates survive); compute runs in compute_dtype; gradients are reduced in float32.
+    """
+    mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (dist.get_world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    kwargs = dict(mesh=mesh, mp_policy=mp)
+    if cfg.offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    for i, block in enumerate(model.layers):
+        # The last block's weights are needed again at once by backward: keep them gathered.
+        fully_shard(block, reshard_after_forward=i < len(model.layers) - 1, **kwargs)
+    fully_shard(model, **kwargs)
+
+
+@torch.no_grad()
+def load_pretrained_(model: Transformer, path: Path):
+    """Fill the sharded model from convert.py's model.pth, each rank reading only its own rows.
+
+    The file is memory-mapped: a rank touches the pages of its shard of each tensor, so no
+    rank ever holds the whole model. Tensors with fewer vocabulary rows than the model (the
+    base model before EOT) get the new rows as the mean of the old ones (model.extend_vocab).
+    """
+    state_dict = torch.load(path / "model.pth", map_location="cpu", mmap=True, weights_only=True)
+    with torch.device("meta"):
+        base = Transformer(ModelArgs(**{**asdict(model.args),
+                                        "vocab_size": state_dict["tok_embeddings.weight"].size(0)}))
+    check_state_dict(base, state_dict, source=str(path / "model.pth"))
+    for name, param in model.named_parameters():
+        full = state_dict[name.replace("_checkpoint_wrapped_module.", "")]
+        if full.size(0) < param.size(0):  # tok_embeddings and output: grow by EOT
+            full = extend_vocab(full, param.size(0) - full.size(0))
+        copy_shard_(param, full)
+
+
+def copy_shard_(param: torch.Tensor, full: torch.Tensor):
+    """Copy this rank's part of `full` into param: FSDP2 shards dim 0 as torch.chunk does."""
+    if not isinstance(param, DTensor):
+        param.copy_(full)
+        return
+    mesh = param.device_mesh
+    chunks = full.chunk(mesh.size(), dim=0)
+    rank = mesh.get_local_rank()
+    local = param.to_local()  # (rows of this rank, ...): a view of FSDP's storage
+    if local.numel():
+        local.copy_(chunks[rank])  # the dtype conversion touches this slice only
+
+
+def model_args(cfg: TrainConfig, tokenizer: Tokenizer) -> ModelArgs:
+    """The model's shape (from --init's params.json or --preset), vocabulary including EOT."""
+    if cfg.init:
+        args = ModelArgs.from_params(Path(cfg.init) / "params.json", vocab_size=tokenizer.vocab_size)
+    else:
+        args = ModelArgs.from_name(cfg.preset, vocab_size=tokenizer.vocab_size)
+    args.max_seq_len = max(args.max_seq_len, cfg.max_len)
+    return args
+
+
+def resolve_size_defaults(cfg: TrainConfig, args: ModelArgs) -> TrainConfig:
+    """Fill --global_batch 0 and --resid_dropout -1 from the model's size, as the paper does."""
+    with torch.device("meta"):
+        n_params = Transformer(args).num_params()
+    sized = lima_size_defaults(n_params)
+    if cfg.global_batch <= 0:
+        cfg.global_batch = sized["global_batch"]
+    if cfg.resid_dropout < 0:
+        cfg.resid_dropout = sized["resid_dropout"]
+    args.resid_dropout = cfg.resid_dropout
+    return cfg
+
+
+def build_model(cfg: TrainConfig, args: ModelArgs, device) -> Transformer:
+    """Meta device -> activation checkpointing -> FSDP -> materialise -> load or init."""
+    with torch.device("meta"):
+        model = Transformer(args)  # no memory: 65B of parameters are only shapes here
+    if cfg.weights == "bf16":
+        model.to(torch.bfloat16)  # on meta: only the recorded dtype changes
+    apply_ac(model, cfg.ac)
+    if cfg.compile:
+        for i, block in enumerate(model.layers):
+            model.layers[i] = torch.compile(block, dynamic=True)
+    compute_dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+                     "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.dtype]
+    apply_fsdp(model, cfg, compute_dtype)
+    model.to_empty(device="cpu" if cfg.offload else device)
+    if cfg.init:
+        model.init_buffers()
+        load_pretrained_(model, Path(cfg.init))
+    else:
+        torch.manual_seed(cfg.seed)
+        model.init_weights()
+    if cfg.offload:  # the RoPE table is used where the computation runs
+        model.freqs_cis = model.freqs_cis.to(device)
+    return model
+
+
+def build_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with decay on the weight matrices and embeddings, none on the RMSNorm gains.
+
+    Decay pulls weights toward zero, a prior that makes sense for matrices; a norm gain is a
+    per-channel scale whose natural value is 1, and decaying it only shrinks activations.
+    """
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    adamw = AdamWBF16 if cfg.weights == "bf16" else torch.optim.AdamW
+    return adamw(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+# ---- the loop ----
+
+class Stop:
+    """Remembers a SIGTERM/SIGINT (SLURM preemption, Ctrl-C) until the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.request)
+
+    def request(self, signum, frame):
+        self.requested = True
+
+    def agreed(self, device) -> bool:
+        """True on every rank if any rank was signalled, so all of them save together."""
+        flag = torch.tensor([float(self.requested)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def run_micro_steps(model, examples, rows, n_global, device, world_size, sync_last=True):
+    """Forward and backward over this rank's packed rows; returns the summed loss (no division).
+
+    Every row's loss is divided by the global count of trained tokens, so the accumulated
+    gradient is d(sum of all token losses)/N however the batch was split. FSDP averages
+    gradients over ranks, which the factor world_size undoes.
+    """
+    total = torch.zeros((), device=device)
+    for i, idxs in enumerate(rows):
+        if isinstance(model, torch.distributed.fsdp.FSDPModule):
+            model.set_requires_gradient_sync(sync_last and i == len(rows) - 1)
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(examples, idxs).items()}
+        logits = model(batch["tokens"], batch["positions"],
+                       batch["doc_ids"] if batch["n_docs"] > 1 else None)  # (1, L, V)
+        loss = loss_sum(logits, batch["targets"])
+        (loss * world_size / n_global).backward()
+        total += loss.detach()
+    return total
+
+
+@torch.no_grad()
+def dev_loss(model, examples, cfg: TrainConfig, rank: int, world_size: int, device) -> float:
+    """Mean per-token loss on the dev set, shared out over the ranks by the same packing."""
+    model.eval()
+    plan = plan_batch([len(e["tokens"]) for e in examples], world_size, cfg.max_tokens)
+    total = torch.zeros(2, device=device)  # (loss sum, trained tokens)
+    for idxs in plan[rank]:
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(examples, idxs).items()}
+        logits = model(batch["tokens"], batch["positions"], batch["doc_ids"] if batch["n_docs"] > 1 else None)
+        total[0] += loss_sum(logits, batch["targets"])
+        total[1] += (batch["targets"] != IGNORE).sum()
+    dist.all_reduce(total)
+    model.train()
+    return (total[0] / total[1]).item()
+
+
+def train(cfg: TrainConfig):
+    rank, world_size, device = setup_distributed()
+    out = Path(cfg.out)
+    tokenizer_path = Path(cfg.init) / "tokenizer.model" if cfg.init else Path(cfg.tokenizer)
+    tokenizer = Tokenizer(tokenizer_path)
+    train_set = load_dataset(cfg.data, tokenizer, cfg.max_len, cfg.train_on_prompt, verbose=rank == 0)
+    dev_set = load_dataset(cfg.dev, tokenizer, cfg.max_len, cfg.train_on_prompt, verbose=rank == 0) if cfg.dev else None
+
+    args = model_args(cfg, tokenizer)
+    cfg = resolve_size_defaults(cfg, args)
+    model = build_model(cfg, args, device)
+    torch.manual_seed(cfg.seed + rank)  # dropout masks: reproducible, and different on every rank
+    n_params = model.num_params()
+    optimizer = build_optimizer(model, cfg)
+    batches = Batches([len(e["tokens"]) for e in train_set.examples], cfg.global_batch, world_size,
+                      cfg.max_tokens, cfg.seed)
+    total_steps = cfg.epochs * batches.steps_per_epoch
+
+    step = 0  # optimizer steps taken so far, over all epochs
+    if cfg.resume:
+        found = checkpoint.list_checkpoints(out) if cfg.resume == "auto" else [Path(cfg.resume)]
+        if found:
+            state = checkpoint.load(found[-1], model, optimizer)
+            step = state["step"]
+            if rank == 0:
+                print(f"resumed from {found[-1]} at step {step}")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        print(f"{n_params:,} parameters, {world_size} rank(s) on {device.type}, "
+              f"{len(train_set.examples)} examples, {batches.steps_per_epoch} steps per epoch, "
+              f"{total_steps} steps")
+    metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    stop = Stop()
+    model.train()
+    bar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
+    ckpt_args = dict(model=model, optimizer=optimizer, args=model.args, tokenizer_path=tokenizer_path)
+    while step < total_steps:
+        epoch, step_in_epoch = divmod(step, batches.steps_per_epoch)
+        t0 = time.perf_counter()
+        idxs = batches.global_batch_indices(epoch, step_in_epoch)
+        plan = batches.plan(epoch, step_in_epoch)  # plan[rank][micro-step] = examples in that row
+        n_global = sum(train_set.examples[i]["n_trained"] for i in idxs)
+        n_tokens = sum(len(train_set.examples[i]["tokens"]) for i in idxs)
+        lr = lr_at(step, total_steps, cfg.lr, cfg.final_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss = run_micro_steps(model, train_set.examples, plan[rank], n_global, device, world_size)
+        dist.all_reduce(loss)
+        loss = loss.item() / n_global
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        grad_norm = (grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm).item()
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            last = checkpoint.list_checkpoints(out)
+            raise FloatingPointError(f"step {step + 1}: loss {loss}, grad norm {grad_norm}; stopping "
+                                     f"without saving (last good checkpoint: {last[-1] if last else 'none'})")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        dt = time.perf_counter() - t0
+        record = dict(step=step, epoch=round(step / batches.steps_per_epoch, 4), loss=loss, lr=lr,
+                      grad_norm=grad_norm, tokens=n_tokens, trained_tokens=n_global,
+                      tokens_per_s=n_tokens / dt, **device_stats(device))
+        if rank == 0:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            bar.set_postfix(epoch=f"{step / batches.steps_per_epoch:.2f}", loss=f"{loss:.3f}",
+                            lr=f"{lr:.2e}", tok_s=f"{n_tokens / dt:,.0f}")
+            bar.update(1)
+
+        end_of_epoch = step % batches.steps_per_epoch == 0
+        if end_of_epoch:
+            epoch = step // batches.steps_per_epoch
+            if dev_set is not None:
+                loss_dev = dev_loss(model, dev_set.examples, cfg, rank, world_size, device)
+                if rank == 0:
+                    metrics.write(json.dumps(dict(step=step, epoch=epoch, dev_loss=loss_dev)) + "\n")
+                    metrics.flush()
+                    bar.write(f"epoch {epoch}: dev loss {loss_dev:.4f}, perplexity {math.exp(loss_dev):.2f}")
+            save(out / f"epoch-{epoch:02d}", step, batches, cfg, ckpt_args)
+        elif cfg.save_every and step % cfg.save_every == 0:
+            save(out / f"step-{step:06d}", step, batches, cfg, ckpt_args)
+        signalled = stop.agreed(device)
+        if signalled or step == cfg.stop_after:
+            if not end_of_epoch:
+                save(out / f"step-{step:06d}", step, batches, cfg, ckpt_args)
+            if rank == 0:
+                why = "a signal" if signalled else "--stop_after"
+                bar.write(f"stopped by {why} at step {step}; continue with --resume auto")
+            break
+    bar.close()
+    dist.destroy_process_group()
+
+
+def save(path: Path, step: int, batches: Batches, cfg: TrainConfig, ckpt_args: dict):
+    """Save a checkpoint, then drop AdamW's state from all but the newest --keep_optim.
+
+    The data position needs no saving of its own: the order of epoch e is a pure function of
+    (seed, e), so the step count says exactly where in which epoch the run stands.
+    """
+    epoch, step_in_epoch = divmod(step, batches.steps_per_epoch)
+    state = dict(step=step, epoch=epoch, step_in_epoch=step_in_epoch, config=asdict(cfg))
+    checkpoint.save(path, state=state, **ckpt_args)
+    checkpoint.drop_old_optimizer_states(path.parent, cfg.keep_optim)
+
+
+def device_stats(device) -> dict:
+    if device.type != "cuda":
+        return {}
+    return dict(peak_mem_gb=torch.cuda.max_memory_allocated(device) / 1e9)
+
+
+# ---- command line ----
+
+def parse_config(cls, argv: list[str]):
+    """--name value for every dataclass field (bools take true/false); returns (config, names set)."""
+    types = {f.name: f.type for f in fields(cls)}
+    values = {}
+    if "--help" in argv or "-h" in argv:
+        print(__doc__.strip() + "\n\noptions (default):")
+        for f in fields(cls):
+            print(f"  --{f.name} {f.default!r}")
+        sys.exit(0)
+    if len(argv) % 2:
+        raise ValueError(f"options come in pairs --name value; got {' '.join(argv)}")
+    for flag, raw in zip(argv[::2], argv[1::2]):
+        name = flag.removeprefix("--")
+        if not flag.startswith("--") or name not in types:
+            raise ValueError(f"unknown option {flag}; see --help")
+        kind = types[name]
+        if kind in (bool, "bool"):
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"--{name} takes true or false, not {raw!r}")
+            values[name] = raw.lower() in ("true", "1")
+        else:
+            values[name] = {"int": int, "float": float, "str": str}.get(kind, kind)(raw)
+    return cls(**values), set(values)
+
+
+def print_plan(cfg: TrainConfig):
+    """--plan: the memory each GPU and node will need, from the model's shape alone."""
+    if cfg.init or cfg.preset not in CONFIGS or cfg.preset == "tiny":
+        args = model_args(cfg, Tokenizer(Path(cfg.init) / "tokenizer.model" if cfg.init else cfg.tokenizer))
+    else:  # a Meta preset: Meta's 32,000 pieces plus EOT
+        args = ModelArgs.from_name(cfg.preset, vocab_size=32001)
+    options = memory.Options(world_size=cfg.world_size, max_tokens=cfg.max_tokens, ac=cfg.ac,
+                             offload=cfg.offload, weights=cfg.weights, gpu_gb=cfg.gpu_gb)
+    print(memory.format_plan(args, options))
+
+
+def main(argv):
+    try:
+        cfg, given = parse_config(TrainConfig, argv)
+        if cfg.plan:
+            return print_plan(cfg)
+        if not cfg.init:  # the demo: a from-scratch model needs a from-scratch learning rate
+            cfg = TrainConfig(**{**asdict(cfg), **{k: v for k, v in DEMO.items() if k not in given}})
+        train(cfg)
+    except (DataError, FileNotFoundError, ValueError, FloatingPointError) as e:
+        sys.exit(f"error: {e}")  # one line, exit status 1; a NaN leaves the last checkpoint alone
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
