@@ -19,13 +19,14 @@ that nothing reads.
 import json
 import shutil
 import sys
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
@@ -111,29 +112,29 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def load_model(path, device="cpu", dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer]:
-    """A converted directory or a training checkpoint -> (model in eval mode, tokenizer).
+def has_sharded_weights(path) -> bool:
+    """Weights as DCP shards (a training checkpoint), not one model.pth (a converted directory)."""
+    return (Path(path) / "model" / ".metadata").is_file()
 
-    A training checkpoint is read in one process, no GPUs or process group needed: DCP
-    reassembles the shards that the training ranks wrote.
+
+def load_model(path, device="cpu", dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer]:
+    """A training checkpoint -> (model in eval mode, tokenizer), in one process.
+
+    No GPUs or process group needed: DCP reassembles the shards that the training ranks wrote.
+    sample.load_model reads both this and the converted format, with its vocabulary checks.
     """
     path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such directory")
-    if not (path / "tokenizer.model").is_file():
-        raise FileNotFoundError(f"{path}: no tokenizer.model")
+    if not has_sharded_weights(path):
+        raise FileNotFoundError(f"{path}: not a complete training checkpoint (no model/.metadata)")
     tokenizer = Tokenizer(path / "tokenizer.model")
-    if (path / "model.pth").is_file():
-        return Transformer.from_pretrained(path, device=device, dtype=dtype), tokenizer
-    if not (path / "model" / ".metadata").is_file():
-        raise FileNotFoundError(f"{path}: neither a converted directory (model.pth) nor a training "
-                                f"checkpoint (model/.metadata)")
     args = ModelArgs.from_params(path / "params.json")
     with torch.device("meta"):
         model = Transformer(args)
     model.to_empty(device="cpu")
     state_dict = model.state_dict()
-    dcp.load(state_dict, checkpoint_id=path / "model", no_dist=True)
+    with warnings.catch_warnings():  # one process is what we mean: no need to say so
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.load(state_dict, checkpoint_id=path / "model", no_dist=True)
     model = model.to(device=device, dtype=dtype)
     model.init_buffers()  # after .to(): the RoPE table stays float32
     return model.eval(), tokenizer

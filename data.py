@@ -207,8 +207,9 @@ def load_dataset(path, tok: Tokenizer, max_len: int = 2048, train_on_prompt: boo
 # LIMA's conversations run from a few dozen tokens to 2,048, so padding a random micro-batch to
 # its longest row wastes a third to a half of the compute, and ranks given unequal work wait for
 # the slowest at every collective. Here nothing is padded: a rank's micro-step is one row of
-# whole conversations laid end to end (B=1), kept apart by the attention mask the model builds
-# from doc_ids, and the rows of a global batch are spread so that all ranks carry similar loads.
+# whole conversations laid end to end (B=1), kept apart by attending within each conversation
+# only (model.packed_attention), and the rows of a global batch are spread so that all ranks
+# carry similar loads.
 
 def plan_batch(lengths: list[int], world_size: int, max_tokens: int) -> list[list[list[int]]]:
     """Share out one global batch: plan[rank][micro_step] = indices into lengths packed in that row.
@@ -286,26 +287,25 @@ def plan_cost(plan: list[list[list[int]]], lengths: list[int]) -> tuple[int, int
 
 
 def collate(examples: list[dict], idxs: list[int]) -> dict:
-    """One packed row: tokens, targets, positions, doc_ids each (1, L) int64, and n_docs.
+    """One packed row: tokens, targets, positions each (1, L) int64, and doc_lens.
 
     positions restart at 0 for each conversation (RoPE sees every conversation as if alone);
-    doc_ids number the conversations in the row, and the model attends only where both the
-    causal mask and doc_ids[:, :, None] == doc_ids[:, None, :] allow.
+    doc_lens, the conversations' lengths in order (a list of ints, summing to L), tell the model
+    where each one ends, so that attention stays inside it.
     """
     if not idxs:
         # A rank with no example at this micro-step still runs forward and backward with the
         # others; with every target IGNORE its loss and gradient are zero.
-        row = dict(tokens=[0], targets=[IGNORE], positions=[0], doc_ids=[0])
+        row = dict(tokens=[0], targets=[IGNORE], positions=[0])
     else:
-        row = dict(tokens=[], targets=[], positions=[], doc_ids=[])
-        for doc, i in enumerate(idxs):
+        row = dict(tokens=[], targets=[], positions=[])
+        for i in idxs:
             n = len(examples[i]["tokens"])
             row["tokens"] += examples[i]["tokens"]
             row["targets"] += examples[i]["targets"]
             row["positions"] += range(n)
-            row["doc_ids"] += [doc] * n
     batch = {k: torch.tensor([v], dtype=torch.int64) for k, v in row.items()}  # (1, L)
-    batch["n_docs"] = len(idxs)
+    batch["doc_lens"] = [len(examples[i]["tokens"]) for i in idxs] or [1]
     return batch
 
 

@@ -470,7 +470,7 @@ def dev_loss(model, tok, conversations: list[list[str]], max_len: int) -> tuple[
 
 def loss_table(run, dev, max_len=2048, device="auto", dtype="auto") -> list[dict]:
     """Dev loss and perplexity of every epoch checkpoint, printed and written to RUN/eval/dev_loss.jsonl."""
-    from checkpoint import load_model
+    from sample import load_model
     from data import load_conversations
     device, dtype = device_and_dtype(device, dtype)
     conversations = [r["conversations"] for r in load_conversations(dev, require_answer=True)]
@@ -507,7 +507,7 @@ def write_answers(run, dev, epochs: list[int], batch_size=8, max_tokens=2048, se
     penalty 1.2, stop at EOT), through its resumable file mode: an interrupted run goes on.
     """
     import sample
-    from checkpoint import load_model
+    from sample import load_model
     device, dtype = device_and_dtype(device, dtype)
     found = epoch_checkpoints(run)
     missing = [e for e in epochs if e not in found]

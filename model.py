@@ -172,8 +172,9 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.kv_cache: KVCache | None = None  # set by Transformer.setup_cache, for generation only
 
-    def forward(self, x, freqs_cis, mask=None, input_pos=None):
-        """x (B, T, D) -> (B, T, D). mask None means plain causal attention over x itself."""
+    def forward(self, x, freqs_cis, mask=None, input_pos=None, doc_lens=None):
+        """x (B, T, D) -> (B, T, D). Causal attention over x itself unless given a mask (the KV
+        cache's) or doc_lens (a packed row of conversations: causal within each one)."""
         B, T, _ = x.shape
         # Head counts come from the weights' shapes (-1), not from args, so that tensor
         # parallelism can hand each rank a slice of the heads without touching this code.
@@ -186,8 +187,11 @@ class Attention(nn.Module):
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, Hkv, S, hd)
         # Grouped-query attention: each kv head serves H/Hkv query heads. SDPA does the
         # grouping itself (enable_gqa) instead of materialising repeated keys and values.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=q.size(1) != k.size(1))  # (B, H, T, hd)
+        if doc_lens is not None and len(doc_lens) > 1:
+            y = packed_attention(q, k, v, doc_lens)  # (1, H, T, hd)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=q.size(1) != k.size(1))  # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*hd)
         return self.wo(y)
 
@@ -236,8 +240,8 @@ class TransformerBlock(nn.Module):
         # is the identity in eval mode, so generation is deterministic.
         self.resid_dropout = nn.Dropout(resid_dropout_rate(layer_id, args.n_layers, args.resid_dropout))
 
-    def forward(self, x, freqs_cis, mask=None, input_pos=None):
-        h = x + self.resid_dropout(self.attention(self.attention_norm(x), freqs_cis, mask, input_pos))
+    def forward(self, x, freqs_cis, mask=None, input_pos=None, doc_lens=None):
+        h = x + self.resid_dropout(self.attention(self.attention_norm(x), freqs_cis, mask, input_pos, doc_lens))
         return h + self.resid_dropout(self.feed_forward(self.ffn_norm(h)))
 
     def init_weights(self, out_std: float):
@@ -263,18 +267,17 @@ class Transformer(nn.Module):
                                                                args.rope_theta), persistent=False)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+                doc_lens: list[int] | None = None) -> torch.Tensor:
         """Training and scoring: tokens (B, T) -> logits (B, T, V), causal attention.
 
-        For rows that pack several conversations, positions (B, T) restart at 0 in each one
-        and doc_ids (B, T) number them, so that attention stays inside each conversation.
+        For a row that packs several conversations (B = 1), positions (1, T) restart at 0 in
+        each one and doc_lens lists their lengths, so that attention stays inside each one.
         """
         T = tokens.size(1)
         freqs_cis = self.freqs_cis[:T] if positions is None else self.freqs_cis[positions]
-        mask = None if doc_ids is None else document_mask(doc_ids)
         h = self.tok_embeddings(tokens)  # (B, T, D)
         for layer in self.layers:
-            h = layer(h, freqs_cis, mask)
+            h = layer(h, freqs_cis, doc_lens=doc_lens)
         return self.output(self.norm(h))  # (B, T, V)
 
     # ---- generation: a static KV cache, prefill then one token at a time ----
@@ -371,12 +374,19 @@ class Transformer(nn.Module):
         return model.eval()
 
 
-def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """(B, T) conversation ids -> (B, 1, T, T) bool: causal, and only within one conversation."""
-    T = doc_ids.size(1)
-    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
-    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
-    return (causal & same_doc).unsqueeze(1)
+@torch.compiler.disable  # a loop over a varying number of conversations: run it eagerly
+def packed_attention(q, k, v, doc_lens: list[int]) -> torch.Tensor:
+    """Causal attention within each conversation of a packed row: (1, H, T, hd) -> (1, H, T, hd).
+
+    One causal SDPA per conversation instead of one over the row with a (T, T) block-diagonal
+    mask: the cost is the sum of len**2 rather than T**2 (a row of 4096 tokens holding six
+    conversations does about 1/6 of the work), no mask is built, and each call can take the
+    flash kernel, which does not accept an arbitrary mask.
+    """
+    gqa = q.size(1) != k.size(1)
+    parts = zip(q.split(doc_lens, dim=2), k.split(doc_lens, dim=2), v.split(doc_lens, dim=2))
+    return torch.cat([F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=gqa)
+                      for qd, kd, vd in parts], dim=2)
 
 
 def extend_vocab(weight: torch.Tensor, n_new: int) -> torch.Tensor:

@@ -2,19 +2,23 @@
 Answer prompts with a fine-tuned model, decoding as LIMA did: nucleus sampling (p 0.9) at
 temperature 0.7, repetition penalty 1.2, at most 2048 tokens in all, stopping at EOT.
 
---checkpoint is a directory holding params.json, model.pth and tokenizer.model: written by
-convert.py, or exported from a training checkpoint:
-    python checkpoint.py export out/demo/epoch-05 out/lima-e5
+--checkpoint is a training checkpoint (out/demo/epoch-15, read straight from its shards) or a
+directory holding params.json, model.pth and tokenizer.model: written by convert.py, or exported
+from a training checkpoint once, which loads much faster at 65B:
+    python checkpoint.py export out/lima-65b/epoch-07 out/lima-e7
+
+After the CPU demo (python train.py):
+    python sample.py --checkpoint out/demo/epoch-15 --prompt "How do I make a good cup of tea?"
 
 One answer, streamed as it is written (CPU):
-    python sample.py --checkpoint out/lima-e5 --prompt "Write a haiku about the sea."
+    python sample.py --checkpoint out/lima-e7 --prompt "Write a haiku about the sea."
 The same on a GPU, in bf16, with the decode step compiled (the first answer waits for the compiler):
-    python sample.py --checkpoint out/lima-e5 --prompt "Write a haiku about the sea." --compile
+    python sample.py --checkpoint out/lima-e7 --prompt "Write a haiku about the sea." --compile
 A conversation: /reset starts a new one, /quit (or Ctrl-D) ends it:
-    python sample.py --checkpoint out/lima-e5 --chat
+    python sample.py --checkpoint out/lima-e7 --chat
 Every prompt of a file (LIMA's test.jsonl layout, or .txt with one prompt per line), in batches,
 resumable (prompts already answered in --out are skipped):
-    python sample.py --checkpoint out/lima-e5 --prompts lima/test.jsonl --out answers.jsonl
+    python sample.py --checkpoint out/lima-e7 --prompts lima/test.jsonl --out answers.jsonl
 LLaMA-65B does not fit one GPU: split every block over 8 (tensor parallelism, see tp.py):
     torchrun --nproc_per_node 8 sample.py --checkpoint ckpt/lima-65b \\
         --prompts lima/test.jsonl --out answers.jsonl --compile
@@ -25,18 +29,18 @@ Every option, with its default:
 """
 
 import functools
-import inspect
 import json
-import re
 import sys
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import checkpoint
 import tp
+from cli import parse_config
 from data import DataError, Tokenizer, load_conversations
 from model import Transformer, precompute_freqs_cis
 
@@ -233,20 +237,27 @@ def generate(model: Transformer, prompts: list[list[int]], s: Settings, eot_id: 
 # ---- loading ----
 
 def load_model(path, device="cpu", dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer]:
-    """A converted directory (params.json, model.pth, tokenizer.model) -> (model, tokenizer).
+    """A converted directory (params.json, model.pth, tokenizer.model) or a training
+    checkpoint (out/RUN/epoch-NN) -> (model, tokenizer).
 
-    The one place generation reads weights from. Loaded memory-mapped on the CPU in the file's
-    dtype (nothing is read yet), checked against the tokenizer, then moved to device and dtype;
-    with the defaults it stays mapped, which is what tensor parallelism wants before sharding.
+    The one place generation and evaluation read weights from. A converted model is loaded
+    memory-mapped on the CPU in the file's dtype (nothing is read yet), checked against the
+    tokenizer, then moved to device and dtype; with the defaults it stays mapped, which is what
+    tensor parallelism wants before sharding. A training checkpoint is reassembled from its
+    shards in this one process (checkpoint.load_model): fine for the demo and for reading a few
+    epochs; for 65B, export it once (checkpoint.py export) and load the result.
     """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such checkpoint directory")
     if not (path / "tokenizer.model").is_file():
         raise FileNotFoundError(f"{path}: no tokenizer.model; expected a directory written by "
-                                f"convert.py or checkpoint.py export")
-    tok = Tokenizer(path / "tokenizer.model")
-    model = Transformer.from_pretrained(path, "cpu")
+                                f"convert.py, train.py or checkpoint.py export")
+    if checkpoint.has_sharded_weights(path):
+        model, tok = checkpoint.load_model(path)
+    else:
+        tok = Tokenizer(path / "tokenizer.model")
+        model = Transformer.from_pretrained(path, "cpu")
     rows = model.args.vocab_size
     if rows == tok.n_base:
         # A base model, never fine-tuned: worth sampling as a baseline, so add the EOT row rather
@@ -410,45 +421,9 @@ def answer_file(model, tok, cfg: Config, s: Settings, rank: int):
 
 # ---- command line ----
 
-def parse_config(cls, argv: list[str]):
-    """--name value for every field of the dataclass cls; a bool may also stand alone (--chat)."""
-    types = {f.name: f.type for f in fields(cls)}
-    if "--help" in argv or "-h" in argv:
-        # The comment after each field in the source is its help.
-        source = "".join(inspect.getsource(c) for c in cls.__mro__ if is_dataclass(c))
-        notes = dict(re.findall(r"^ +(\w+): .+?  # (.+)$", source, re.M))
-        print(sys.modules[cls.__module__].__doc__.strip() + "\n\noptions (default):")
-        for f in fields(cls):
-            print(f"  --{f.name} {f.default!r}".ljust(32) + notes.get(f.name, ""))
-        sys.exit(0)
-    values, i = {}, 0
-    while i < len(argv):
-        name = argv[i].removeprefix("--")
-        if not argv[i].startswith("--") or name not in types:
-            raise ValueError(f"unknown option {argv[i]}; see --help")
-        kind, raw = types[name], argv[i + 1] if i + 1 < len(argv) else None
-        if kind is bool and (raw is None or raw.startswith("--")):
-            values[name], i = True, i + 1
-            continue
-        if raw is None:
-            raise ValueError(f"--{name} needs a value")
-        if kind is bool:
-            if raw.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(f"--{name} takes true or false, not {raw!r}")
-            values[name] = raw.lower() in ("true", "1")
-        else:
-            try:
-                values[name] = kind(raw)
-            except ValueError:
-                raise ValueError(f"--{name} takes a{'n' if kind is int else ''} {kind.__name__}, "
-                                 f"not {raw!r}") from None
-        i += 2
-    return cls(**values)
-
-
 def main(argv: list[str]):
     try:
-        cfg = parse_config(Config, argv)
+        cfg, _ = parse_config(Config, argv)
         if not cfg.checkpoint:
             raise ValueError("--checkpoint DIR is required (see --help)")
         if not (cfg.prompt or cfg.chat or cfg.prompts):

@@ -21,8 +21,8 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+import warnings
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 import checkpoint
 import memory
+from cli import parse_config
 from data import IGNORE, Batches, DataError, Tokenizer, collate, load_dataset, plan_batch
 from model import CONFIGS, ModelArgs, Transformer, check_state_dict, extend_vocab
 from optim import AdamWBF16
@@ -87,7 +88,7 @@ class TrainConfig:
 # `python train.py` with no --init trains a tiny model from scratch, where LIMA's fine-tuning
 # learning rate (1e-5) would not move it visibly in a few minutes. These replace the recipe's
 # values only when --init is not given and the option is not set on the command line.
-DEMO = dict(epochs=30, global_batch=8, lr=3e-3, final_lr=3e-4, resid_dropout=0.1)
+DEMO = dict(global_batch=8, lr=3e-3, final_lr=3e-4, resid_dropout=0.1)
 
 
 # ---- LIMA's schedule and loss, each with its reason ----
@@ -252,7 +253,11 @@ def build_model(cfg: TrainConfig, args: ModelArgs, device) -> Transformer:
         load_pretrained_(model, Path(cfg.init))
     else:
         torch.manual_seed(cfg.seed)
-        model.init_weights()
+        with warnings.catch_warnings():
+            # On a CPU mesh each rank draws its own shard from its own generator: a valid random
+            # init, though not the one a single process would draw. Nothing to warn about.
+            warnings.filterwarnings("ignore", "DTensor random operators")
+            model.init_weights()
     if cfg.offload:  # the RoPE table is used where the computation runs
         model.freqs_cis = model.freqs_cis.to(device)
     return model
@@ -304,8 +309,7 @@ def run_micro_steps(model, examples, rows, n_global, device, world_size, sync_la
         if isinstance(model, torch.distributed.fsdp.FSDPModule):
             model.set_requires_gradient_sync(sync_last and i == len(rows) - 1)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(examples, idxs).items()}
-        logits = model(batch["tokens"], batch["positions"],
-                       batch["doc_ids"] if batch["n_docs"] > 1 else None)  # (1, L, V)
+        logits = model(batch["tokens"], batch["positions"], batch["doc_lens"])  # (1, L, V)
         loss = loss_sum(logits, batch["targets"])
         (loss * world_size / n_global).backward()
         total += loss.detach()
@@ -320,7 +324,7 @@ def dev_loss(model, examples, cfg: TrainConfig, rank: int, world_size: int, devi
     total = torch.zeros(2, device=device)  # (loss sum, trained tokens)
     for idxs in plan[rank]:
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(examples, idxs).items()}
-        logits = model(batch["tokens"], batch["positions"], batch["doc_ids"] if batch["n_docs"] > 1 else None)
+        logits = model(batch["tokens"], batch["positions"], batch["doc_lens"])
         total[0] += loss_sum(logits, batch["targets"])
         total[1] += (batch["targets"] != IGNORE).sum()
     dist.all_reduce(total)
@@ -441,31 +445,6 @@ def device_stats(device) -> dict:
 
 
 # ---- command line ----
-
-def parse_config(cls, argv: list[str]):
-    """--name value for every dataclass field (bools take true/false); returns (config, names set)."""
-    types = {f.name: f.type for f in fields(cls)}
-    values = {}
-    if "--help" in argv or "-h" in argv:
-        print(__doc__.strip() + "\n\noptions (default):")
-        for f in fields(cls):
-            print(f"  --{f.name} {f.default!r}")
-        sys.exit(0)
-    if len(argv) % 2:
-        raise ValueError(f"options come in pairs --name value; got {' '.join(argv)}")
-    for flag, raw in zip(argv[::2], argv[1::2]):
-        name = flag.removeprefix("--")
-        if not flag.startswith("--") or name not in types:
-            raise ValueError(f"unknown option {flag}; see --help")
-        kind = types[name]
-        if kind in (bool, "bool"):
-            if raw.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(f"--{name} takes true or false, not {raw!r}")
-            values[name] = raw.lower() in ("true", "1")
-        else:
-            values[name] = {"int": int, "float": float, "str": str}.get(kind, kind)(raw)
-    return cls(**values), set(values)
-
 
 def print_plan(cfg: TrainConfig):
     """--plan: the memory each GPU and node will need, from the model's shape alone."""

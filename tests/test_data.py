@@ -132,8 +132,9 @@ def test_the_demo_data(tok):
 # ---- packing: the same losses as one conversation at a time ----
 
 class TinyCausalLM(torch.nn.Module):
-    """One attention layer that sees only earlier tokens of the same conversation (doc_ids),
-    at positions counted from the conversation's start: all a packed row needs of a model."""
+    """One attention layer that sees only earlier tokens of the same conversation (doc_lens),
+    at positions counted from the conversation's start: all a packed row needs of a model.
+    It builds the block-diagonal causal mask that model.py avoids building."""
 
     def __init__(self, vocab_size, dim=16, max_pos=512):
         super().__init__()
@@ -142,19 +143,20 @@ class TinyCausalLM(torch.nn.Module):
         self.qkv = torch.nn.Linear(dim, 3 * dim)
         self.out = torch.nn.Linear(dim, vocab_size)
 
-    def forward(self, tokens, positions, doc_ids, doc_mask=True):
+    def forward(self, tokens, positions, doc_lens, doc_mask=True):
         x = self.tok_emb(tokens) + self.pos_emb(positions)  # (1, L, D)
         q, k, v = self.qkv(x).chunk(3, dim=-1)  # each (1, L, D)
         L = tokens.size(1)
         mask = torch.ones(L, L, dtype=torch.bool).tril()[None]  # (1, L, L): causal
         if doc_mask:
+            doc_ids = torch.repeat_interleave(torch.arange(len(doc_lens)), torch.tensor(doc_lens))[None]
             mask = mask & (doc_ids[:, :, None] == doc_ids[:, None, :])
         att = (q @ k.transpose(1, 2) / math.sqrt(q.size(-1))).masked_fill(~mask, float("-inf"))
         return self.out(x + att.softmax(-1) @ v)  # (1, L, V)
 
 
 def token_losses(model, batch, **kw):
-    logits = model(batch["tokens"], batch["positions"], batch["doc_ids"], **kw)
+    logits = model(batch["tokens"], batch["positions"], batch["doc_lens"], **kw)
     return F.cross_entropy(logits[0], batch["targets"][0], ignore_index=IGNORE, reduction="none")  # (L,)
 
 
@@ -185,13 +187,12 @@ def test_collate_layout():
     assert batch["tokens"].tolist() == [[9, 10, 5, 6, 7]] and batch["tokens"].dtype == torch.int64
     assert batch["targets"].tolist() == [[10, 11, IGNORE, 7, 8]]
     assert batch["positions"].tolist() == [[0, 1, 0, 1, 2]]
-    assert batch["doc_ids"].tolist() == [[0, 0, 1, 1, 1]]
-    assert batch["n_docs"] == 2
+    assert batch["doc_lens"] == [2, 3]
 
 
 def test_an_empty_row_runs_and_trains_nothing(tok):
     batch = collate([], [])
-    assert batch["tokens"].shape == (1, 1) and batch["targets"].tolist() == [[IGNORE]] and batch["n_docs"] == 0
+    assert batch["tokens"].shape == (1, 1) and batch["targets"].tolist() == [[IGNORE]] and batch["doc_lens"] == [1]
     model = TinyCausalLM(tok.vocab_size)
     loss = token_losses(model, batch).sum()
     loss.backward()

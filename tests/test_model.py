@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (CONFIGS, Attention, ModelArgs, Transformer, TransformerBlock, apply_rotary_emb,
+from model import (CONFIGS, ModelArgs, Transformer, apply_rotary_emb,
                    extend_vocab, precompute_freqs_cis)
 
 TINY = dict(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=101, multiple_of=16,
@@ -169,7 +169,7 @@ def test_packed_rows_equal_separate_rows():
     model = tiny_model()
     a, b = torch.randint(0, 101, (1, 5)), torch.randint(0, 101, (1, 8))
     packed = model(torch.cat([a, b], 1), positions=torch.cat([torch.arange(5), torch.arange(8)])[None],
-                   doc_ids=torch.tensor([[0] * 5 + [1] * 8]))
+                   doc_lens=[5, 8])
     torch.testing.assert_close(packed, torch.cat([model(a), model(b)], 1), rtol=1e-9, atol=1e-9)
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import train
-from data import IGNORE, collate, plan_batch
+from data import IGNORE, plan_batch
 from model import ModelArgs, Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
