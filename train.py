@@ -5,9 +5,11 @@ The CPU demo (tiny model from random weights, the project's own small dataset, a
     python train.py
 The same on two CPU processes (gloo), as the 8-GPU run would be on a node:
     torchrun --standalone --nproc_per_node 2 train.py
-LIMA itself: LLaMA 65B converted with convert.py, on 8xA100-80GB nodes (see --plan for memory):
+LIMA itself: LLaMA 65B converted with convert.py, on two 8xA100-80GB nodes, which it fits with
+bf16 weights and optim.py's compensated AdamW (float32 weights need four nodes; see --plan):
     torchrun --nproc_per_node 8 --nnodes 2 --rdzv_backend c10d --rdzv_endpoint $HEAD:29500 \\
-        train.py --init ckpt/llama-65b --data lima/train.jsonl --dev lima/dev.jsonl --out out/lima-65b
+        train.py --init ckpt/llama-65b --data lima/train.jsonl --dev lima/dev.jsonl --out out/lima-65b \\
+        --weights bf16
     (slurm.sh does the same under SLURM)
 Resume after a crash or preemption (the newest complete checkpoint in --out):
     torchrun ... train.py <same arguments> --resume auto
@@ -79,10 +81,10 @@ class TrainConfig:
     keep_optim: int = 1  # AdamW state kept in the newest this many checkpoints (0: none)
     resume: str = ""  # "auto" (newest complete in --out, or start fresh) or a checkpoint dir
     stop_after: int = 0  # save and exit once this many steps are done (a time-limited job); 0: off
-    # --plan true prints the memory plan (memory.py) for this model and options, and exits.
-    plan: bool = False
+    plan: bool = False  # print the memory plan (memory.py) for this model and options, and exit
+    memory_check: bool = True  # on GPU, refuse to start a run the plan says will not fit
     world_size: int = 8  # GPUs to plan for
-    gpu_gb: float = 80.0
+    gpu_gb: float = 80.0  # memory of each planned GPU
 
 
 # `python train.py` with no --init trains a tiny model from scratch, where LIMA's fine-tuning
@@ -342,6 +344,7 @@ def train(cfg: TrainConfig):
 
     args = model_args(cfg, tokenizer)
     cfg = resolve_size_defaults(cfg, args)
+    check_memory(cfg, args, world_size, device)
     model = build_model(cfg, args, device)
     torch.manual_seed(cfg.seed + rank)  # dropout masks: reproducible, and different on every rank
     n_params = model.num_params()
@@ -445,6 +448,26 @@ def device_stats(device) -> dict:
 
 
 # ---- command line ----
+
+def check_memory(cfg: TrainConfig, args: ModelArgs, world_size: int, device):
+    """Before anything loads: stop a run that the memory plan says would run out of GPU memory.
+
+    Without this, a 65B run that cannot fit finds out after many minutes of loading weights.
+    """
+    if device.type != "cuda" or not cfg.memory_check:
+        return
+    gpu_gb = torch.cuda.get_device_properties(device).total_memory / memory.GB
+    options = memory.Options(world_size=world_size, gpus_per_node=torch.cuda.device_count(),
+                             max_tokens=cfg.max_tokens, ac=cfg.ac, offload=cfg.offload,
+                             weights=cfg.weights, compute_bytes=2 if cfg.dtype != "fp32" else 4,
+                             gpu_gb=gpu_gb)
+    p = memory.plan(args, options)
+    if not p["fits"]:
+        raise ValueError(f"the memory plan needs {p['gpu_total'] / memory.GB:.1f} GB per GPU and these "
+                         f"have {gpu_gb:.1f} GB ({world_size} GPUs, --weights {cfg.weights}, --offload "
+                         f"{str(cfg.offload).lower()}, --ac {cfg.ac}); see train.py --plan true for what "
+                         f"fits (--memory_check false to try anyway)")
+
 
 def print_plan(cfg: TrainConfig):
     """--plan: the memory each GPU and node will need, from the model's shape alone."""
