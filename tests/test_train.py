@@ -152,3 +152,18 @@ def test_weight_decay_skips_norm_gains():
     groups = train.build_optimizer(fresh_model(), train.TrainConfig()).param_groups
     assert groups[0]["weight_decay"] == 0.1 and all(p.dim() == 2 for p in groups[0]["params"])
     assert groups[1]["weight_decay"] == 0.0 and all(p.dim() == 1 for p in groups[1]["params"])
+
+
+def test_a_65b_run_that_cannot_fit_stops_before_loading(monkeypatch):
+    # Two nodes of 8 A100-80GB (as torch would report them): float32 weights and AdamW need 84 GB
+    # per GPU (16 bytes a parameter / 16, plus what is in flight); bf16 weights need 59.5 GB.
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: type("Props", (), {"total_memory": 80e9})())
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    args = ModelArgs.from_name("llama-65b", vocab_size=32001)
+    cuda = torch.device("cuda", 0)  # only named: check_memory allocates nothing
+    with pytest.raises(ValueError, match=r"needs 8\d\.\d GB per GPU and these have 80.0 GB"):
+        train.check_memory(train.TrainConfig(), args, 16, cuda)
+    train.check_memory(train.TrainConfig(weights="bf16"), args, 16, cuda)
+    train.check_memory(train.TrainConfig(), args, 32, cuda)
+    train.check_memory(train.TrainConfig(memory_check=False), args, 16, cuda)
