@@ -378,7 +378,8 @@ def train(cfg: TrainConfig):
         idxs = batches.global_batch_indices(epoch, step_in_epoch)
         plan = batches.plan(epoch, step_in_epoch)  # plan[rank][micro-step] = examples in that row
         n_global = sum(train_set.examples[i]["n_trained"] for i in idxs)
-        n_tokens = sum(len(train_set.examples[i]["tokens"]) for i in idxs)
+        lengths = [len(train_set.examples[i]["tokens"]) for i in idxs]
+        n_tokens = sum(lengths)
         lr = lr_at(step, total_steps, cfg.lr, cfg.final_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -397,7 +398,8 @@ def train(cfg: TrainConfig):
         dt = time.perf_counter() - t0
         record = dict(step=step, epoch=round(step / batches.steps_per_epoch, 4), loss=loss, lr=lr,
                       grad_norm=grad_norm, tokens=n_tokens, trained_tokens=n_global,
-                      tokens_per_s=n_tokens / dt, **device_stats(device))
+                      tokens_per_s=n_tokens / dt,
+                      **device_stats(device, step_flops(model.args, lengths) / dt / world_size))
         if rank == 0:
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
@@ -441,10 +443,34 @@ def save(path: Path, step: int, batches: Batches, cfg: TrainConfig, ckpt_args: d
     checkpoint.drop_old_optimizer_states(path.parent, cfg.keep_optim)
 
 
-def device_stats(device) -> dict:
+def step_flops(args: ModelArgs, lengths: list[int]) -> float:
+    """Model FLOPs of one optimizer step over conversations of these lengths (PaLM's count).
+
+    Every matmul weight costs 6 FLOPs per token (2 forward, 4 backward); the embedding is a
+    lookup and the RMSNorm gains are elementwise, so neither counts. Causal attention within a conversation of n tokens adds, per layer,
+    n^2 D multiply-adds for q k^T and as many for the weighted sum of v (half of the n x n
+    square, twice 2 FLOPs each): 2 n^2 D forward, 6 n^2 D with backward. Recomputation by
+    activation checkpointing is not counted: MFU measures useful work.
+    """
+    norm_gains = (2 * args.n_layers + 1) * args.dim
+    matmul_params = memory.param_counts(args)[0] - args.vocab_size * args.dim - norm_gains
+    return 6 * matmul_params * sum(lengths) + 6 * args.n_layers * args.dim * sum(n * n for n in lengths)
+
+
+# Dense bf16 tensor-core peak by device name (first match wins), from NVIDIA's data sheets.
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def device_stats(device, flops_per_s: float) -> dict:
+    """Peak memory and MFU (model FLOPs per second per GPU over the bf16 peak), on GPU."""
     if device.type != "cuda":
         return {}
-    return dict(peak_mem_gb=torch.cuda.max_memory_allocated(device) / 1e9)
+    stats = dict(peak_mem_gb=torch.cuda.max_memory_allocated(device) / 1e9)
+    name = torch.cuda.get_device_name(device)
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    if peak:
+        stats["mfu"] = flops_per_s / peak
+    return stats
 
 
 # ---- command line ----

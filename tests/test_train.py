@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 import train
 from data import IGNORE, plan_batch
@@ -167,3 +169,17 @@ def test_a_65b_run_that_cannot_fit_stops_before_loading(monkeypatch):
     train.check_memory(train.TrainConfig(weights="bf16"), args, 16, cuda)
     train.check_memory(train.TrainConfig(), args, 32, cuda)
     train.check_memory(train.TrainConfig(memory_check=False), args, 16, cuda)
+
+
+def test_step_flops_match_torch_flop_counter():
+    # torch's FlopCounterMode counts every matmul of forward and backward, and attention (here
+    # the math kernel, which it can see into) as the full n x n square; step_flops counts the
+    # causal half only, so they differ by exactly that.
+    model = Transformer(ARGS)
+    lengths = [40, 7, 90]
+    tokens = torch.randint(0, ARGS.vocab_size, (1, sum(lengths)))
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        model(tokens, positions, lengths).sum().backward()
+    causal_half = 6 * ARGS.n_layers * ARGS.dim * sum(n * n for n in lengths)
+    assert counter.get_total_flops() == train.step_flops(ARGS, lengths) + causal_half
