@@ -138,3 +138,19 @@ def test_exported_epoch_loads_in_sample_and_gives_the_training_models_logits(ini
     tokens = torch.tensor([tok.encode_dialog(["How do I boil an egg?"])])
     torch.testing.assert_close(exported(tokens), trained(tokens), rtol=0, atol=0)
     assert trained.args.vocab_size == tok.vocab_size == tok2.vocab_size  # EOT included
+
+
+def test_two_ranks_train_the_same_weights_as_one(init_dir, tmp_path):
+    # An epoch of 10 AdamW steps without dropout (whose draws depend on the rank count), on one
+    # process and as 2-rank FSDP: the same global batches, split differently. Float32 sums in
+    # another order differ in the last bits, and AdamW's normalised update can amplify that for
+    # a gradient near zero to a sizeable fraction of one step (lr 1e-3), never more.
+    for nproc in (1, 2):
+        run(train_args(init_dir, tmp_path / f"n{nproc}", "--epochs", "1", "--resid_dropout", "0"), nproc)
+    one, _ = checkpoint.load_model(tmp_path / "n1" / "epoch-01")
+    two, _ = checkpoint.load_model(tmp_path / "n2" / "epoch-01")
+    start = torch.load(init_dir / "model.pth", weights_only=True)
+    for (name, p1), p2 in zip(one.state_dict().items(), two.state_dict().values()):
+        rows = start[name].size(0)  # the EOT row added to embeddings and output trains too
+        assert (p1[:rows] - start[name]).abs().max() > 1e-3, name  # both really trained
+        torch.testing.assert_close(p2, p1, rtol=0, atol=1e-4, msg=name)
