@@ -337,6 +337,9 @@ def dev_loss(model, examples, cfg: TrainConfig, rank: int, world_size: int, devi
 def train(cfg: TrainConfig):
     rank, world_size, device = setup_distributed()
     out = Path(cfg.out)
+    if not cfg.resume and checkpoint.list_checkpoints(out):  # before minutes of loading
+        raise ValueError(f"{out} already holds checkpoints of a run: --resume auto continues it, "
+                         f"or choose another --out (nothing was overwritten)")
     tokenizer_path = Path(cfg.init) / "tokenizer.model" if cfg.init else Path(cfg.tokenizer)
     tokenizer = Tokenizer(tokenizer_path)
     train_set = load_dataset(cfg.data, tokenizer, cfg.max_len, cfg.train_on_prompt, verbose=rank == 0)
@@ -367,7 +370,7 @@ def train(cfg: TrainConfig):
         print(f"{n_params:,} parameters, {world_size} rank(s) on {device.type}, "
               f"{len(train_set.examples)} examples, {batches.steps_per_epoch} steps per epoch, "
               f"{total_steps} steps")
-    metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    metrics = open_metrics(out / "metrics.jsonl", step) if rank == 0 else None
     stop = Stop()
     model.train()
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
@@ -429,6 +432,15 @@ def train(cfg: TrainConfig):
             break
     bar.close()
     dist.destroy_process_group()
+
+
+def open_metrics(path: Path, step: int):
+    """metrics.jsonl for appending, holding only the records up to `step`, where the run resumes:
+    a crashed run's steps after its last checkpoint are dropped, as they are about to be redone."""
+    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step] \
+        if step and path.is_file() else []
+    path.write_text("".join(line + "\n" for line in kept))
+    return open(path, "a")
 
 
 def save(path: Path, step: int, batches: Batches, cfg: TrainConfig, ckpt_args: dict):

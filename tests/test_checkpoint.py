@@ -98,7 +98,13 @@ def test_sigkill_during_a_save_never_leaves_a_checkpoint_that_resume_picks(init_
     # whatever the kill interrupted is ignored; the newest complete checkpoint resumes
     result = run(train_args(init_dir, out, "--resume", "auto"))
     assert f"resumed from {complete[-1]}" in result.stdout + result.stderr
-    assert sorted(losses(out))[-1] == 20
+    # the killed run's steps after that checkpoint were redone, and are in metrics.jsonl once
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == list(range(1, 21))
+    # starting again without --resume would overwrite the run: refused, in one line
+    again = run(train_args(init_dir, out), check=False)
+    assert again.returncode == 1 and "already holds checkpoints" in again.stderr.strip().splitlines()[-1]
 
 
 def test_sigterm_saves_a_resumable_checkpoint_and_exits_0(init_dir, tmp_path):
