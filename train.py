@@ -17,6 +17,7 @@ Every option, with its default:
     python train.py --help
 """
 
+import gc
 import json
 import math
 import os
@@ -137,6 +138,18 @@ def setup_distributed() -> tuple[int, int, torch.device]:
         device = torch.device("cpu")
         dist.init_process_group("gloo")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def shutdown_distributed():
+    """Destroy the process group after train() has returned, not inside it.
+
+    Only then are the model, its device mesh and the optimizer gone, and with them the last
+    references to gloo's communicator: it is destroyed now, while Python is alive, instead of at
+    interpreter exit, where its worker threads can abort the process after a finished run.
+    """
+    gc.collect()  # FSDP's modules and hooks hold each other in cycles
+    dist.barrier()  # no rank may tear down the group while another still talks
+    dist.destroy_process_group()
 
 
 def apply_ac(model: Transformer, mode: str):
@@ -431,7 +444,6 @@ def train(cfg: TrainConfig):
                 bar.write(f"stopped by {why} at step {step}; continue with --resume auto")
             break
     bar.close()
-    dist.destroy_process_group()
 
 
 def open_metrics(path: Path, step: int):
@@ -526,6 +538,7 @@ def main(argv):
         if not cfg.init:  # the demo: a from-scratch model needs a from-scratch learning rate
             cfg = TrainConfig(**{**asdict(cfg), **{k: v for k, v in DEMO.items() if k not in given}})
         train(cfg)
+        shutdown_distributed()
     except (DataError, FileNotFoundError, ValueError, FloatingPointError) as e:
         sys.exit(f"error: {e}")  # one line, exit status 1; a NaN leaves the last checkpoint alone
 
