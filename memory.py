@@ -75,8 +75,11 @@ def plan(args: ModelArgs, o: Options) -> dict:
         activations = args.n_layers * T * per_token["none"]
     else:
         activations = args.n_layers * T * per_token[o.ac] + T * per_token["block"]
-    # The loss: logits (cb), their float32 copy and log-softmax (4 + 4), its gradient (4 + cb).
-    logits = T * args.vocab_size * (cb + 4 + 4 + 4 + cb)
+    # The loss (train.ChunkedOutputLoss): one chunk of float32 logits, which becomes their
+    # gradient, and its compute-dtype copy; the output weight's float32 gradient and its cast;
+    # the gradient of the hidden states.
+    chunk_bytes = 32 * 2**20  # train.ChunkedOutputLoss.CHUNK_BYTES
+    logits = chunk_bytes * (1 + cb / 4) + args.vocab_size * args.dim * (4 + cb) + T * args.dim * cb
     gpu = dict(params=params, grads=grads, optim=optim, in_flight=in_flight,
                activations=activations, logits=logits)
     cpu_per_node = 0.0

@@ -7,7 +7,8 @@ Parameter and module names are exactly Meta's (tok_embeddings, layers.{i}.attent
 feed_forward.w1/w2/w3, attention_norm, ffn_norm, norm, output), so loading one of Meta's
 checkpoints is a key map, not a translation. Nothing distributed lives here: train.py applies
 activation checkpointing and FSDP from outside, sample.py applies tensor parallelism from outside.
-The loss lives in train.py too: the model only maps tokens to logits.
+The loss lives in train.py too: the model maps tokens to logits, or to the final hidden states
+that the loss turns into logits chunk by chunk (Transformer.hidden).
 
 Dimension legend used in the shape comments:
     B  batch size                 T   tokens in this call
@@ -268,8 +269,15 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 doc_lens: list[int] | None = None) -> torch.Tensor:
-        """Training and scoring: tokens (B, T) -> logits (B, T, V), causal attention.
+        """Scoring: tokens (B, T) -> logits (B, T, V), causal attention."""
+        return self.output(self.hidden(tokens, positions, doc_lens))  # (B, T, V)
 
+    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+               doc_lens: list[int] | None = None) -> torch.Tensor:
+        """Everything but the output projection: tokens (B, T) -> final normed states (B, T, D).
+
+        Training stops here: train.py's loss applies self.output itself, a chunk of positions at
+        a time, so that the (T, V) logits of a long row never exist at once.
         For a row that packs several conversations (B = 1), positions (1, T) restart at 0 in
         each one and doc_lens lists their lengths, so that attention stays inside each one.
         """
@@ -278,7 +286,7 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)  # (B, T, D)
         for layer in self.layers:
             h = layer(h, freqs_cis, doc_lens=doc_lens)
-        return self.output(self.norm(h))  # (B, T, V)
+        return self.norm(h)  # (B, T, D)
 
     # ---- generation: a static KV cache, prefill then one token at a time ----
 

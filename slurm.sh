@@ -1,8 +1,8 @@
 #!/bin/bash
 # LIMA 65B on two 8xA100-80GB nodes under SLURM: one torchrun per node, 8 ranks each.
 # On 16 GPUs, float32 weights and AdamW state need 84 GB per GPU; bf16 weights with optim.py's
-# compensated AdamW need 59.5 GB (python train.py --plan true --preset llama-65b --world_size 16
-# --weights bf16). With --nodes=4 drop --weights bf16: float32 needs 51.3 GB per GPU on 32.
+# compensated AdamW need 59.1 GB (python train.py --plan true --preset llama-65b --world_size 16
+# --weights bf16). With --nodes=4 drop --weights bf16: float32 needs 50.9 GB per GPU on 32.
 #
 #     sbatch slurm.sh                       # first run
 #     sbatch slurm.sh                       # after a preemption: --resume auto picks up the newest checkpoint

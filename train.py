@@ -31,10 +31,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard,
+                                    register_fsdp_forward_method)
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 from tqdm import tqdm
@@ -111,16 +111,62 @@ def lima_size_defaults(n_params: int) -> dict:
     return dict(global_batch=32 if big else 64, resid_dropout=0.3 if big else 0.2)
 
 
-def loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def loss_sum(h: torch.Tensor, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Sum of the per-token cross-entropies over trained tokens (targets != IGNORE).
 
+    h (B, T, D): the model's final hidden states (Transformer.hidden); output (V, D): its output
+    projection. The logits are formed only where a target is trained (the prompts need none).
     A sum, not a mean: train() divides by the number of trained tokens in the whole global
     batch, over all ranks and micro-steps. Averaging per micro-batch instead would give each
     token of a short example more weight than a token of a long one, and make the gradient
-    depend on how the batch happens to be split. Log-softmax in float32 for bf16 logits.
+    depend on how the batch happens to be split.
     """
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
-                           reduction="sum")
+    keep = targets != IGNORE  # (B, T)
+    return ChunkedOutputLoss.apply(h[keep], output, targets[keep])
+
+
+class ChunkedOutputLoss(torch.autograd.Function):
+    """sum(cross_entropy(h @ output.T, targets)), a chunk of positions at a time.
+
+    Done the plain way, a packed row of 4,096 tokens over 32,001 pieces makes five (T, V)
+    tensors (logits, float32 copy, log-softmax, two gradients), 2.6 GB in float32: for a
+    small model most of a step's memory traffic, and on the CPU fresh memory the kernel faults in page by page.
+    Here each chunk's logits become its loss and at once its gradient, softmax minus the
+    one-hot target, which feeds both input gradients and is dropped. The gradients are
+    computed in forward because nothing after the loss can change them but the scalar
+    backward brings. Same FLOPs as the plain way, nothing recomputed; float32 softmax.
+    """
+    CHUNK_BYTES = 32 * 2**20  # of float32 logits per chunk (about 256 tokens of 32,001 pieces)
+
+    @staticmethod
+    def forward(ctx, h, output, targets):  # h (N, D), output (V, D), targets (N,)
+        needs_grad = any(ctx.needs_input_grad[:2])
+        chunk = max(1, ChunkedOutputLoss.CHUNK_BYTES // (4 * output.size(0)))
+        loss = torch.zeros((), device=h.device)
+        grad_h = torch.empty_like(h) if needs_grad else None
+        grad_out = torch.zeros(output.shape, device=h.device) if needs_grad else None  # float32
+        for s in range(0, h.size(0), chunk):
+            hc, tc = h[s:s + chunk], targets[s:s + chunk]  # (c, D), (c,)
+            z = (hc @ output.t()).float()  # (c, V)
+            lse = torch.logsumexp(z, dim=-1)  # (c,)
+            loss += (lse - z.gather(1, tc[:, None]).squeeze(1)).sum()
+            if needs_grad:
+                z.sub_(lse[:, None]).exp_()  # softmax
+                z[torch.arange(len(tc), device=z.device), tc] -= 1  # d loss / d logits
+                dz = z.to(h.dtype)
+                grad_h[s:s + chunk] = dz @ output
+                if grad_out.dtype == dz.dtype:
+                    grad_out.addmm_(dz.t(), hc)
+                else:  # bf16 matmul, summed over the chunks in float32
+                    grad_out += dz.t() @ hc
+        if needs_grad:
+            ctx.save_for_backward(grad_h, grad_out.to(output.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_out = ctx.saved_tensors
+        return grad_h * grad_loss, grad_out * grad_loss, None
 
 
 # ---- distributed setup, model building ----
@@ -191,6 +237,10 @@ def apply_fsdp(model: Transformer, cfg: TrainConfig, compute_dtype: torch.dtype)
         # The last block's weights are needed again at once by backward: keep them gathered.
         fully_shard(block, reshard_after_forward=i < len(model.layers) - 1, **kwargs)
     fully_shard(model, **kwargs)
+    # The loss calls model.hidden, not forward: it must gather the root's weights all the same.
+    # The root is not resharded after its forward, so model.output.weight is then the whole
+    # (V, D) matrix, whose gradient FSDP reduces with the rest.
+    register_fsdp_forward_method(model, "hidden")
 
 
 @torch.no_grad()
@@ -324,8 +374,8 @@ def run_micro_steps(model, examples, rows, n_global, device, world_size, sync_la
         if isinstance(model, torch.distributed.fsdp.FSDPModule):
             model.set_requires_gradient_sync(sync_last and i == len(rows) - 1)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(examples, idxs).items()}
-        logits = model(batch["tokens"], batch["positions"], batch["doc_lens"])  # (1, L, V)
-        loss = loss_sum(logits, batch["targets"])
+        h = model.hidden(batch["tokens"], batch["positions"], batch["doc_lens"])  # (1, L, D)
+        loss = loss_sum(h, model.output.weight, batch["targets"])
         (loss * world_size / n_global).backward()
         total += loss.detach()
     return total
@@ -339,8 +389,8 @@ def dev_loss(model, examples, cfg: TrainConfig, rank: int, world_size: int, devi
     total = torch.zeros(2, device=device)  # (loss sum, trained tokens)
     for idxs in plan[rank]:
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(examples, idxs).items()}
-        logits = model(batch["tokens"], batch["positions"], batch["doc_lens"])
-        total[0] += loss_sum(logits, batch["targets"])
+        h = model.hidden(batch["tokens"], batch["positions"], batch["doc_lens"])
+        total[0] += loss_sum(h, model.output.weight, batch["targets"])
         total[1] += (batch["targets"] != IGNORE).sum()
     dist.all_reduce(total)
     model.train()

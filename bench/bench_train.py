@@ -11,8 +11,9 @@ train.py's own path against Hugging Face transformers' LlamaForCausalLM, side by
 Both sides: the same shape (bench/common.py MODELS), the same weights (ours copied into HF's model,
 q/k rows permuted as convert.py does; logits compared before timing), float32, the same global
 batches of 32 examples (data.Batches, epoch 0, steps 0 .. --steps-1 of the seeded order), the same
-loss (train.loss_sum: summed cross-entropy over answer tokens, divided by the global count of
-trained tokens), a gradient norm, and an AdamW step. Residual dropout is 0 on our side, as HF's
+loss (summed cross-entropy over answer tokens, divided by the global count of trained tokens: ours
+by train.loss_sum, which forms the logits a chunk at a time; HF's from its full logits by
+F.cross_entropy, as LlamaForCausalLM's own loss does), a gradient norm, and an AdamW step. Residual dropout is 0 on our side, as HF's
 LLaMA has none. Before the timed steps each arm runs its largest micro-step of the first batch once,
 untimed (allocation, first-call costs); every arm is a fresh process, so its peak resident memory (VmHWM) is its own.
 
@@ -52,6 +53,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -169,6 +171,11 @@ def hf_micro_batches(cfg: BenchConfig, arm: str, exs, batches: Batches, step: in
     return [padded(exs, order[j:j + b]) for j in range(0, len(order), b)]
 
 
+def hf_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """HF's way to the summed loss: cross-entropy of the whole (B, T, V) logits, in float32."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+
+
 def hf_forward(model, mb: dict) -> torch.Tensor:
     """Logits of one micro-batch. use_cache=False: with the config's default (True, in training
     too) the model builds a KV cache it never needs, and with a cache transformers skips the
@@ -200,7 +207,7 @@ def run_hf(cfg: BenchConfig, args, exs, arm: str) -> dict:
     optimizer = torch.optim.AdamW(groups, lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2))
     batches = Batches([len(e["tokens"]) for e in exs], cfg.global_batch, 1, cfg.max_tokens)
     warm = max(hf_micro_batches(cfg, arm, exs, batches, 0), key=lambda mb: mb["tokens"].numel())
-    train.loss_sum(hf_forward(model, warm), warm["targets"]).backward()  # the largest: allocates the most
+    hf_loss_sum(hf_forward(model, warm), warm["targets"]).backward()  # the largest: allocates the most
     optimizer.zero_grad(set_to_none=True)
     times, trained, positions, computed = [], 0, 0, 0
     for step in range(cfg.steps):
@@ -210,7 +217,7 @@ def run_hf(cfg: BenchConfig, args, exs, arm: str) -> dict:
         total = torch.zeros(())
         mbs = hf_micro_batches(cfg, arm, exs, batches, step)
         for mb in mbs:
-            loss = train.loss_sum(hf_forward(model, mb), mb["targets"])
+            loss = hf_loss_sum(hf_forward(model, mb), mb["targets"])
             (loss / n_global).backward()
             total += loss.detach()
             computed += mb["tokens"].numel()
@@ -265,9 +272,9 @@ def run_profile(cfg: BenchConfig, args, exs) -> dict:
     torch.distributed.destroy_process_group()
     hf = hf_llama(args, our_weights(cfg, args)).train()
     mb = hf_micro_batches(cfg, "hf-b4", exs, batches, 0)[0]
-    train.loss_sum(hf_forward(hf, mb), mb["targets"]).backward()  # warm-up
+    hf_loss_sum(hf_forward(hf, mb), mb["targets"]).backward()  # warm-up
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        (train.loss_sum(hf_forward(hf, mb), mb["targets"]) / n).backward()
+        (hf_loss_sum(hf_forward(hf, mb), mb["targets"]) / n).backward()
     out["hf-b4"] = top_ops(prof, int(mb["mask"].sum()))
     return out
 

@@ -20,8 +20,8 @@ def counting_lr_at(step, *args):
     return clean_lr_at(step, *args)
 
 
-def poisoned_loss_sum(logits, targets):
-    loss = clean_loss_sum(logits, targets)
+def poisoned_loss_sum(*args):
+    loss = clean_loss_sum(*args)
     return loss * float("nan") if current["step"] == poison_step else loss
 
 

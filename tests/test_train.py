@@ -108,6 +108,27 @@ def test_averaging_per_micro_batch_would_be_wrong():
     assert not torch.allclose(model.output.weight.grad, expected["output.weight"], rtol=1e-2, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_output_loss_equals_cross_entropy_of_the_full_logits(monkeypatch, dtype):
+    """The loss and both gradients, over chunks of 7 positions (the last one ragged)."""
+    monkeypatch.setattr(train.ChunkedOutputLoss, "CHUNK_BYTES", 7 * 4 * ARGS.vocab_size)
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 25, ARGS.dim, generator=gen).to(dtype).requires_grad_()
+    w = (torch.randn(ARGS.vocab_size, ARGS.dim, generator=gen) / 8).to(dtype).requires_grad_()
+    targets = torch.randint(0, ARGS.vocab_size, (2, 25), generator=gen)
+    targets[:, :4] = IGNORE
+    train.loss_sum(h, w, targets).backward()
+    h_ref, w_ref = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    loss = F.cross_entropy((h_ref @ w_ref.t()).flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
+                           reduction="sum")
+    loss.backward()
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(train.loss_sum(h, w, targets), loss, **tol)
+    torch.testing.assert_close(h.grad.float(), h_ref.grad, **tol)
+    torch.testing.assert_close(w.grad.float(), w_ref.grad, **tol)
+    assert h.grad.dtype == w.grad.dtype == dtype
+
+
 def write_init(dir: Path, model: Transformer, examples):
     dir.mkdir(parents=True, exist_ok=True)
     (dir / "params.json").write_text(json.dumps(asdict(model.args)))
@@ -136,15 +157,15 @@ def test_masked_prompt_positions_get_no_gradient_and_eot_rows_train():
     model = fresh_model()
     tokens = [1, 5, 6, 7, eot, 8, 9, 10]  # BOS, a prompt, EOT, an answer ...
     targets = [IGNORE, IGNORE, IGNORE, IGNORE, 8, 9, 10, eot]  # ... trained up to its EOT
-    logits = model(torch.tensor([tokens])).detach().requires_grad_()
-    train.loss_sum(logits, torch.tensor([targets])).backward()
+    h = model.hidden(torch.tensor([tokens])).detach().requires_grad_()
+    train.loss_sum(h, model.output.weight, torch.tensor([targets])).backward()
     masked = torch.tensor([t == IGNORE for t in targets])
-    assert torch.all(logits.grad[0, masked] == 0)
-    assert torch.all(logits.grad[0, ~masked].abs().sum(-1) > 0)
+    assert torch.all(h.grad[0, masked] == 0)
+    assert torch.all(h.grad[0, ~masked].abs().sum(-1) > 0)
     # one optimizer step moves the EOT rows of both the embedding and the output layer
     before_emb, before_out = model.tok_embeddings.weight[eot].clone(), model.output.weight[eot].clone()
     opt = train.build_optimizer(model, train.TrainConfig(lr=1e-3))
-    train.loss_sum(model(torch.tensor([tokens])), torch.tensor([targets])).backward()
+    train.loss_sum(model.hidden(torch.tensor([tokens])), model.output.weight, torch.tensor([targets])).backward()
     opt.step()
     assert not torch.equal(model.tok_embeddings.weight[eot], before_emb)
     assert not torch.equal(model.output.weight[eot], before_out)
@@ -158,7 +179,7 @@ def test_weight_decay_skips_norm_gains():
 
 def test_a_65b_run_that_cannot_fit_stops_before_loading(monkeypatch):
     # Two nodes of 8 A100-80GB (as torch would report them): float32 weights and AdamW need 84 GB
-    # per GPU (16 bytes a parameter / 16, plus what is in flight); bf16 weights need 59.5 GB.
+    # per GPU (16 bytes a parameter / 16, plus what is in flight); bf16 weights need 59.1 GB.
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda device: type("Props", (), {"total_memory": 80e9})())
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
