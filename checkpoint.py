@@ -63,9 +63,12 @@ def save(path, model, optimizer, state: dict, args: ModelArgs, tokenizer_path):
         (tmp / "params.json").write_text(json.dumps(asdict(args), indent=2))
         shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
         (tmp / "state.json").write_text(json.dumps({**state, "world_size": dist.get_world_size()}, indent=2))
-        if path.exists():  # saving the same step again (after a resume): replace it
-            shutil.rmtree(path)
+        old = path.parent / f".old-{path.name}"
+        if path.exists():  # saving the same step again (after a resume): set the old one aside,
+            shutil.rmtree(old, ignore_errors=True)  # by a rename, so that no kill can leave it
+            path.rename(old)  # half deleted under a name that --resume would pick
         tmp.rename(path)  # the commit point: atomic on a POSIX file system
+        shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
 
 

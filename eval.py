@@ -26,6 +26,7 @@ per judgement: the prompt id, which side showed ours, the raw verdict, the resul
 
 import argparse
 import html
+import http.client
 import json
 import math
 import os
@@ -267,7 +268,8 @@ class Judge:
                 if 400 <= e.code < 500 and e.code not in (408, 429):
                     raise EvalError(f"{self.endpoint}: HTTP {e.code} {e.reason}") from None
                 problem = f"HTTP {e.code} {e.reason}"
-            except (OSError, ValueError, KeyError, IndexError, TypeError) as e:  # timeouts are OSErrors
+            except (OSError, http.client.HTTPException, ValueError, KeyError, IndexError, TypeError) as e:
+                # timeouts are OSErrors; a broken status line or a short body, HTTPExceptions
                 problem = f"{type(e).__name__}: {e}"
             print(f"judge, attempt {attempt + 1}/{self.retries + 1}: {problem}", file=sys.stderr)
             if attempt < self.retries:
@@ -343,14 +345,15 @@ def rate(answers, out, annotator: str, label, sample=0, seed=0) -> int:
 # ---- tallies: win / tie / loss, agreement, Fail / Pass / Excellent ----
 
 def latest(records: list[dict], field: str) -> dict:
-    """{(group, id): record}, the last record winning (a prompt annotated again replaces the first)."""
-    return {(r.get(field), str(r.get("id"))): r for r in records if field in r}
+    """{(group, id, annotator): record}, the last record winning: a prompt judged again by the
+    same annotator replaces the first judgement, and every annotator's judgement counts."""
+    return {(r.get(field), str(r.get("id")), r.get("annotator")): r for r in records if field in r}
 
 
 def percentages(records: list[dict], field: str, value: str, labels: tuple) -> dict[str, dict]:
     """Per `field` (baseline, or rated system): how many, and the percentage of each label."""
     groups = {}
-    for (group, _), r in latest(records, field).items():
+    for (group, _, _), r in latest(records, field).items():
         groups.setdefault(group, []).append(r[value])
     return {g: dict(n=len(v), **{k: 100 * v.count(k) / len(v) for k in labels}) for g, v in groups.items()}
 
@@ -376,7 +379,11 @@ def agreement(records1: list[dict], records2: list[dict]) -> tuple[float, int]:
     (but not both) labeled a tie, and zero point otherwise". We compare the results from our
     model's side (win / tie / loss), since each annotator saw the two answers in its own order.
     """
-    one, two = latest(records1, "baseline"), latest(records2, "baseline")
+    for records in (records1, records2):
+        names = sorted({str(r.get("annotator")) for r in records if "baseline" in r})
+        if len(names) > 1:
+            raise EvalError(f"agreement compares two annotators, one per file; one file holds {', '.join(names)}")
+    one, two = ({k[:2]: r for k, r in latest(records, "baseline").items()} for records in (records1, records2))
     shared = sorted(one.keys() & two.keys(), key=str)
     if not shared:
         return float("nan"), 0

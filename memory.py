@@ -84,7 +84,7 @@ def plan(args: ModelArgs, o: Options) -> dict:
                activations=activations, logits=logits)
     cpu_per_node = 0.0
     if o.offload:  # sharded state lives in host memory; the GPU keeps only what is in flight
-        cpu_per_node = (params + grads + optim) * o.gpus_per_node
+        cpu_per_node = (params + grads + optim) * min(o.gpus_per_node, W)  # ranks on a node
         gpu.update(params=0.0, grads=0.0, optim=0.0)
     total = sum(gpu.values())
     return dict(gpu=gpu, gpu_total=total, cpu_per_node=cpu_per_node, fits=total <= o.gpu_gb * GB)
@@ -110,11 +110,12 @@ def format_plan(args: ModelArgs, o: Options) -> str:
     for k, v in p["gpu"].items():
         lines.append(f"  {names[k]:<32}{v / GB:>8.1f}")
     verdict = "fits" if p["fits"] else "does NOT fit"
-    lines.append(f"  {'total':<32}{p['gpu_total'] / GB:>8.1f}   {verdict} in {o.gpu_gb:.0f} GB")
+    lines.append(f"  {'total':<32}{p['gpu_total'] / GB:>8.1f}   {verdict} in {o.gpu_gb:.0f} GB of GPU memory")
     if o.offload:
         lines.append(f"  host memory per node (offloaded)  {p['cpu_per_node'] / GB:>8.1f}")
     w = smallest_world_size(args, o)
-    lines.append(f"smallest world size that fits: {w if w else 'none up to 1,024'}")
+    lines.append(f"smallest world size that fits the GPUs: {w if w else 'none up to 1,024'}"
+                 + (" (the host memory above is not checked)" if o.offload else ""))
     return "\n".join(lines)
 
 

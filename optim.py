@@ -21,8 +21,27 @@ class AdamWBF16(torch.optim.Optimizer):
     def __init__(self, params, lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
+    def load_state_dict(self, state_dict: dict):
+        """torch.optim's loading, but the float16 compensation stays float16.
+
+        Optimizer.load_state_dict casts every floating-point state tensor to its weight's dtype:
+        bf16 here, which would round away the compensation's 3 extra bits on every resume.
+        """
+        super().load_state_dict(state_dict)
+        # Saved keys (indices, or names from DCP) pair with the parameters in order, as torch does.
+        keys = [k for group in state_dict["param_groups"] for k in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for key, p in zip(keys, params):
+            if key in state_dict["state"]:
+                self.state[p]["compensation"] = state_dict["state"][key]["compensation"].to(p.device, torch.float16)
+
     @torch.no_grad()
-    def step(self):
+    def step(self, closure=None):
+        # closure: torch.optim's interface, which DCP's optimizer-state loading calls
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
@@ -54,3 +73,4 @@ class AdamWBF16(torch.optim.Optimizer):
                 exact = weight + (update + state["compensation"].float())
                 p.copy_(exact)
                 state["compensation"].copy_(exact - p.float())
+        return loss

@@ -179,7 +179,9 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        # nccl for the GPUs; gloo beside it for collectives on CPU tensors, which --offload
+        # makes of the gradients (their norm is all-reduced on the CPU, where they live).
+        dist.init_process_group("cuda:nccl,cpu:gloo", device_id=device)
     else:
         device = torch.device("cpu")
         dist.init_process_group("gloo")
@@ -257,7 +259,8 @@ def load_pretrained_(model: Transformer, path: Path):
                                         "vocab_size": state_dict["tok_embeddings.weight"].size(0)}))
     check_state_dict(base, state_dict, source=str(path / "model.pth"))
     for name, param in model.named_parameters():
-        full = state_dict[name.replace("_checkpoint_wrapped_module.", "")]
+        # Meta's name: without what activation checkpointing and torch.compile wrap around a block
+        full = state_dict[name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")]
         if full.size(0) < param.size(0):  # tok_embeddings and output: grow by EOT
             full = extend_vocab(full, param.size(0) - full.size(0))
         copy_shard_(param, full)
@@ -362,17 +365,17 @@ class Stop:
         return bool(flag.item())
 
 
-def run_micro_steps(model, examples, rows, n_global, device, world_size, sync_last=True):
+def run_micro_steps(model, examples, rows, n_global, device, world_size):
     """Forward and backward over this rank's packed rows; returns the summed loss (no division).
 
     Every row's loss is divided by the global count of trained tokens, so the accumulated
     gradient is d(sum of all token losses)/N however the batch was split. FSDP averages
-    gradients over ranks, which the factor world_size undoes.
+    gradients over ranks, which the factor world_size undoes. Gradients are reduce-scattered
+    after every row: skipping that for all but the last (FSDP's no-sync) would hold the whole
+    model's unsharded float32 gradients on every rank, 261 GB at 65B.
     """
     total = torch.zeros((), device=device)
-    for i, idxs in enumerate(rows):
-        if isinstance(model, torch.distributed.fsdp.FSDPModule):
-            model.set_requires_gradient_sync(sync_last and i == len(rows) - 1)
+    for idxs in rows:
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(examples, idxs).items()}
         h = model.hidden(batch["tokens"], batch["positions"], batch["doc_lens"])  # (1, L, D)
         loss = loss_sum(h, model.output.weight, batch["targets"])
@@ -424,6 +427,7 @@ def train(cfg: TrainConfig):
         found = checkpoint.list_checkpoints(out) if cfg.resume == "auto" else [Path(cfg.resume)]
         if found:
             state = checkpoint.load(found[-1], model, optimizer)
+            check_same_run(state["config"], cfg, found[-1])
             step = state["step"]
             if rank == 0:
                 print(f"resumed from {found[-1]} at step {step}")
@@ -494,6 +498,19 @@ def train(cfg: TrainConfig):
                 bar.write(f"stopped by {why} at step {step}; continue with --resume auto")
             break
     bar.close()
+
+
+# What fixes the data order and the learning-rate schedule: a resume must not change them.
+RUN_DEFINING = ("data", "epochs", "global_batch", "seed", "lr", "final_lr", "max_len", "train_on_prompt")
+
+
+def check_same_run(saved: dict, cfg: TrainConfig, path: Path):
+    """The step count is the data position only if the run is the same run: refuse otherwise."""
+    for name in RUN_DEFINING:
+        if saved.get(name) != getattr(cfg, name):
+            raise ValueError(f"{path} was trained with --{name} {saved.get(name)} but this run has "
+                             f"--{name} {getattr(cfg, name)}: resume with the same value, or start "
+                             f"a new run in another --out")
 
 
 def open_metrics(path: Path, step: int):

@@ -99,7 +99,7 @@ def bench(name: str, batch: int, cfg: BenchConfig, device, dtype) -> dict:
 
 
 def main(argv):
-    cfg = parse_config(BenchConfig, argv)
+    cfg = parse_config(BenchConfig, argv)[0]
     device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
     names = cfg.models.split(",") if cfg.models != "auto" else ["1b"] if device.type == "cuda" else ["tiny", "100m"]
     load_before = os.getloadavg()[0]

@@ -72,6 +72,26 @@ def test_resume_mid_epoch_reproduces_every_later_loss(init_dir, tmp_path, nproc)
     assert all(straight[s] == resumed[s] for s in straight), (straight, resumed)
 
 
+def test_resume_with_bf16_weights_and_their_compensated_adamw(init_dir, tmp_path):
+    """slurm.sh's 65B setting: optim.AdamWBF16's state (moments, Kahan terms) resumes too."""
+    bf16 = ("--weights", "bf16", "--lr", "1e-2", "--final_lr", "1e-3")
+    run(train_args(init_dir, tmp_path / "straight", *bf16))
+    run(train_args(init_dir, tmp_path / "stopped", *bf16, "--stop_after", "13"))
+    run(train_args(init_dir, tmp_path / "stopped", *bf16, "--resume", "auto"))
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "stopped")
+    assert sorted(resumed) == list(range(1, 21))
+    assert all(straight[s] == resumed[s] for s in straight), (straight, resumed)
+
+
+def test_resume_refuses_a_changed_schedule_or_data_order(init_dir, tmp_path):
+    run(train_args(init_dir, tmp_path / "run", "--stop_after", "3"))
+    result = run(train_args(init_dir, tmp_path / "run", "--resume", "auto", "--seed", "1"), check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].endswith(
+        "was trained with --seed 0 but this run has --seed 1: resume with the same value, or start "
+        "a new run in another --out")
+
+
 def test_every_epoch_is_kept_and_old_optimizer_state_dropped(init_dir, tmp_path):
     run(train_args(init_dir, tmp_path, "--save_every", "5"))
     found = [p.name for p in checkpoint.list_checkpoints(tmp_path)]

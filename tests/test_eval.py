@@ -58,6 +58,11 @@ def test_win_tie_loss_per_baseline_matches_hand_count(tmp_path):
     t = ev.win_tie_loss(records)
     assert t["alpaca"] == dict(n=10, win=60.0, tie=30.0, loss=10.0)
     assert t["davinci"] == dict(n=4, win=25.0, tie=25.0, loss=50.0)
+    # a second annotator in the same file adds her judgements; she replaces nobody's
+    records += [pairwise_record(i, "davinci", "win", "bo") for i in range(4)]
+    assert ev.win_tie_loss(records)["davinci"] == dict(n=8, win=62.5, tie=12.5, loss=25.0)
+    with pytest.raises(ev.EvalError, match="one file holds ana, bo"):
+        ev.agreement(records, records)
 
 
 def test_tie_discounted_agreement_matches_hand_computation():

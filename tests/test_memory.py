@@ -29,7 +29,7 @@ def test_sharded_state_bytes_are_the_closed_forms(name, world_size):
                                                               6 * P / world_size)
     off = plan(args, Options(world_size=world_size, offload=True))
     assert off["gpu"]["params"] == off["gpu"]["grads"] == off["gpu"]["optim"] == 0
-    assert off["cpu_per_node"] == 16 * P / world_size * 8
+    assert off["cpu_per_node"] == 16 * P / world_size * min(world_size, 8)  # the ranks on one node
 
 
 def test_65b_needs_more_than_one_node_without_offload():

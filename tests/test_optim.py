@@ -49,3 +49,18 @@ def test_bf16_adamw_tracks_float32_adamw_at_ordinary_scale():
     ours, _ = run(AdamWBF16, torch.bfloat16, steps=300, lr=1e-3, w0=w0)
     rel = (ours - ref).norm() / (ref - w0).norm()
     assert rel < 0.02
+
+
+def test_a_reloaded_state_keeps_its_float16_compensation():
+    """torch.optim casts loaded state to the weight's dtype; the compensation must not go bf16."""
+    p = torch.nn.Parameter(torch.ones(N, dtype=torch.bfloat16))
+    opt = AdamWBF16([p], lr=1e-6)
+    p.grad = torch.randn(N, generator=torch.Generator().manual_seed(3)).bfloat16()
+    opt.step()
+    saved = opt.state[p]["compensation"].clone()
+    assert saved.dtype == torch.float16 and saved.abs().max() > 0
+    fresh = AdamWBF16([p], lr=1e-6)
+    fresh.load_state_dict(opt.state_dict())
+    assert fresh.state[p]["compensation"].dtype == torch.float16
+    assert torch.equal(fresh.state[p]["compensation"], saved)
+    assert fresh.state[p]["step"] == 1
