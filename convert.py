@@ -104,7 +104,12 @@ def shard_dim(key: str) -> int | None:
 
 def meta_shard_paths(src: Path) -> list[Path]:
     """consolidated.00.pth ... consolidated.{N-1}.pth, with none missing from the numbering."""
-    found = {int(p.name.split(".")[1]): p for p in src.glob(META_SHARDS)}
+    found = {}
+    for p in src.glob(META_SHARDS):
+        number = p.name.split(".")[1]
+        if not number.isdigit():
+            raise ValueError(f"{p}: not a shard name (consolidated.NN.pth)")
+        found[int(number)] = p
     missing = [f"consolidated.{i:02d}.pth" for i in range(max(found) + 1) if i not in found]
     if missing:
         raise ValueError(f"{src}: {', '.join(missing)} missing (found {len(found)} shards)")
@@ -132,6 +137,8 @@ def read_meta(src: Path):
     args = ModelArgs.from_params(src / "params.json")
     # Meta writes vocab_size -1 (the tokenizer decides) and no max_seq_len: LLaMA-1 was trained at
     # 2048 tokens, the default (LLaMA-2 at 4096: edit params.json to use more).
+    if "tok_embeddings.weight" not in first:
+        raise ValueError(f"{paths[0]}: no tok_embeddings.weight; not a LLaMA shard in Meta's names")
     if args.vocab_size <= 0:
         args.vocab_size = first["tok_embeddings.weight"].size(0)
     # A missing last shard leaves the numbering whole, but each shard holds 1/N of the heads.
@@ -404,6 +411,8 @@ def to_hf(src, dst, dtype: torch.dtype | None = None, max_file_bytes: int = 5 * 
         if not (src / name).is_file():
             raise ValueError(f"{src}: no {name}; expected a directory written by convert.py")
     state_dict = load_tensors(src / "model.pth")
+    if "tok_embeddings.weight" not in state_dict:
+        raise ValueError(f"{src / 'model.pth'}: no tok_embeddings.weight; not a LLaMA in Meta's names")
     args = ModelArgs.from_params(src / "params.json", vocab_size=state_dict["tok_embeddings.weight"].size(0))
     with torch.device("meta"):
         check_state_dict(Transformer(args), state_dict, source=str(src / "model.pth"))

@@ -401,6 +401,9 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
+        for name in ("max_len", "world_size", "global_batch", "max_tokens"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, not {getattr(args, name)}")
         ds = load_dataset(args.data, Tokenizer(args.tokenizer), args.max_len, args.train_on_prompt == "true",
                           verbose=False)
         print(summary(ds, args.world_size, args.global_batch, args.max_tokens, args.seed))

@@ -72,14 +72,22 @@ class ModelArgs:
     @classmethod
     def from_params(cls, path, **overrides) -> "ModelArgs":
         """Read a Meta params.json (or ours, which adds max_seq_len, resid_dropout)."""
-        params = json.loads(Path(path).read_text())
+        try:
+            params = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(params) - known)
         if unknown:
             raise ValueError(f"{path}: unknown key(s) {', '.join(unknown)}; expected some of "
                              f"{', '.join(sorted(known))}")
+        for name, value in params.items():  # every field is a number (or None for the optional)
+            if not isinstance(value, (int, float)) and not (value is None and name in OPTIONAL_ARGS):
+                raise ValueError(f"{path}: {name} must be a number, not {value!r}")
         return cls(**{**params, **overrides})
 
+
+OPTIONAL_ARGS = ("n_kv_heads", "ffn_dim_multiplier")  # may be null in a params.json
 
 # Meta's released shapes. Counts at vocab 32,000 (checked in tests/test_model.py):
 # llama-7b 6,738,415,616   llama-13b 13,015,864,320   llama-33b 32,528,943,616
@@ -371,6 +379,8 @@ class Transformer(nn.Module):
             if not (path / name).is_file():
                 raise FileNotFoundError(f"{path}: no {name}; expected a directory written by convert.py")
         state_dict = torch.load(path / "model.pth", map_location="cpu", mmap=True, weights_only=True)
+        if "tok_embeddings.weight" not in state_dict:
+            raise ValueError(f"{path / 'model.pth'}: no tok_embeddings.weight; not a LLaMA in Meta's names")
         vocab_size = state_dict["tok_embeddings.weight"].size(0)
         args = ModelArgs.from_params(path / "params.json", **{"vocab_size": vocab_size, **overrides})
         with torch.device("meta"):

@@ -31,7 +31,7 @@ Every option, with its default:
 import functools
 import json
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -57,7 +57,7 @@ class Settings:
     # that ends every user turn, which would push answers to run on.
     penalize_prompt: bool = False  # count the prompt's tokens as seen too
     max_tokens: int = 2048  # prompt + answer, in all (and never more than the model's max_seq_len)
-    seed: int = 0  # generate() seeds torch with it: same seed, prompts and batch size, same answers
+    seed: int = 0  # generate() seeds torch with it (plus the batch or turn): same seed, prompts and batches, same answers
     compile: bool = False  # torch.compile the decode step (CUDA graphs on GPU; first call is slow)
 
 
@@ -346,7 +346,8 @@ def chat(model, tok, s: Settings, rank: int):
             say(f"(forgot the oldest {dropped} exchange(s) to stay within {total} tokens)")
         say("\nlima> ", end="", flush=True)
         stream = Streamer(tok, show=rank == 0)
-        answer = generate(model, [ids], s, tok.eot_id, on_token=stream)[0]
+        answer = generate(model, [ids], replace(s, seed=s.seed + len(turns)), tok.eot_id,
+                          on_token=stream)[0]  # a seed per turn, or each would draw the same noise
         stream.finish()
         if answer[-1] != tok.eot_id:
             say(f"\n(stopped at the {total}-token limit)", end="")
@@ -395,7 +396,7 @@ def answer_file(model, tok, cfg: Config, s: Settings, rank: int):
                 raise DataError(f"{out}:{n}: not an answer line (cut short by a crash?); "
                                 f"delete it and run again") from None
     # Every rank reads the same files before its first collective, so all agree on what is left.
-    items = [it for it in read_prompts(cfg.prompts) if str(it["id"]) not in answered]
+    items = [{**it, "n": n} for n, it in enumerate(read_prompts(cfg.prompts)) if str(it["id"]) not in answered]
     total = token_limit(model, s)
     for it in items:
         it["ids"] = tok.encode_dialog(it["history"] + [it["prompt"]])
@@ -408,7 +409,10 @@ def answer_file(model, tok, cfg: Config, s: Settings, rank: int):
     with tqdm(total=len(items), unit="prompt", disable=rank != 0) as bar:
         for i in range(0, len(items), cfg.batch_size):
             batch = items[i:i + cfg.batch_size]
-            answers = generate(model, [it["ids"] for it in batch], s, tok.eot_id)
+            # A seed of its own per batch, from its first prompt's place in the file: with one
+            # seed for all, every batch would draw the same noise and their answers correlate.
+            seeded = replace(s, seed=s.seed + batch[0]["n"])
+            answers = generate(model, [it["ids"] for it in batch], seeded, tok.eot_id)
             if rank == 0:
                 with out.open("a") as f:
                     for it, ids in zip(batch, answers):

@@ -254,6 +254,8 @@ def load_pretrained_(model: Transformer, path: Path):
     base model before EOT) get the new rows as the mean of the old ones (model.extend_vocab).
     """
     state_dict = torch.load(path / "model.pth", map_location="cpu", mmap=True, weights_only=True)
+    if "tok_embeddings.weight" not in state_dict:
+        raise ValueError(f"{path / 'model.pth'}: no tok_embeddings.weight; not a LLaMA in Meta's names")
     with torch.device("meta"):
         base = Transformer(ModelArgs(**{**asdict(model.args),
                                         "vocab_size": state_dict["tok_embeddings.weight"].size(0)}))

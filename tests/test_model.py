@@ -217,6 +217,16 @@ def test_dropout_active_in_train_mode_and_off_in_eval():
     torch.testing.assert_close(model(tokens), ref_model(model, tokens), rtol=1e-5, atol=1e-6)
 
 
+def test_dropout_is_on_the_branches_before_they_join_the_residual():
+    """At rate 1 (the top layer of resid_dropout=1.0) both branches drop out entirely: the block
+    passes its input through unchanged. Dropout after the add would zero the stream instead."""
+    model = tiny_model(resid_dropout=1.0).train()
+    top = model.layers[-1]
+    x = torch.randn(2, 10, model.args.dim, dtype=torch.float64)
+    torch.testing.assert_close(top(x, model.freqs_cis[:10]), x, rtol=0, atol=0)
+    assert not torch.equal(model.layers[-2](x, model.freqs_cis[:10]), x)  # below the top: rate < 1
+
+
 # ---- initialisation and vocabulary ----
 
 def test_residual_projections_get_the_scaled_init_by_role():

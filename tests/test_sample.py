@@ -354,3 +354,26 @@ def test_tensor_parallel_on_two_ranks_equals_one_process(checkpoint, tmp_path, c
     one = capsys.readouterr()
     assert "stopped at" not in one.err
     assert torchrun_sample(args) == one.out
+
+
+def test_tensor_parallel_shards_hold_a_part_and_their_sum_is_the_whole():
+    """tp.apply_tp in one process: each of 2 ranks keeps half of every block's heads and hidden
+    units, and the two partial outputs (before the all-reduce hook adds them) sum to the whole."""
+    import copy
+    import tp
+    full = tiny_model(64)
+    x = torch.randn(1, 5, full.args.dim, generator=torch.Generator().manual_seed(0))
+    freqs = full.freqs_cis[:5]
+    parts = []
+    for rank in range(2):
+        shard = copy.deepcopy(full)
+        tp.apply_tp(shard, rank, 2)
+        block = shard.layers[1]
+        assert block.attention.wq.weight.shape == (full.args.dim // 2, full.args.dim)
+        assert block.attention.wk.weight.shape[0] == full.layers[1].attention.wk.weight.shape[0] // 2
+        assert block.feed_forward.w2.weight.shape == (full.args.dim, full.args.hidden_dim // 2)
+        for module in (block.attention, block.feed_forward):
+            module._forward_hooks.clear()  # the all-reduce: done here by summing over the ranks
+        parts.append((block.attention(x, freqs), block.feed_forward(x)))
+    torch.testing.assert_close(parts[0][0] + parts[1][0], full.layers[1].attention(x, freqs))
+    torch.testing.assert_close(parts[0][1] + parts[1][1], full.layers[1].feed_forward(x))

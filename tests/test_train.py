@@ -162,10 +162,12 @@ def test_masked_prompt_positions_get_no_gradient_and_eot_rows_train():
     masked = torch.tensor([t == IGNORE for t in targets])
     assert torch.all(h.grad[0, masked] == 0)
     assert torch.all(h.grad[0, ~masked].abs().sum(-1) > 0)
-    # one optimizer step moves the EOT rows of both the embedding and the output layer
+    # one optimizer step moves the EOT rows of both the embedding and the output layer (without
+    # weight decay, which would move every row, trained or not)
     before_emb, before_out = model.tok_embeddings.weight[eot].clone(), model.output.weight[eot].clone()
-    opt = train.build_optimizer(model, train.TrainConfig(lr=1e-3))
+    opt = train.build_optimizer(model, train.TrainConfig(lr=1e-3, weight_decay=0.0))
     train.loss_sum(model.hidden(torch.tensor([tokens])), model.output.weight, torch.tensor([targets])).backward()
+    assert model.tok_embeddings.weight.grad[eot].abs().sum() > 0 and model.output.weight.grad[eot].abs().sum() > 0
     opt.step()
     assert not torch.equal(model.tok_embeddings.weight[eot], before_emb)
     assert not torch.equal(model.output.weight[eot], before_out)
