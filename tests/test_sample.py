@@ -243,13 +243,17 @@ def run_main(argv):
 
 def test_prompt_streams_the_same_answer_as_generate(tok, checkpoint, capsys):
     model, _ = load_model(checkpoint)
-    for max_tokens in (40, 25):  # this answer ends with EOT within 40 tokens, not within 25
+    prompt = prompts_for(tok, QUESTIONS[:1])
+    whole = generate(model, prompt, Settings(max_tokens=model.args.max_seq_len), tok.eot_id)[0]
+    assert whole[-1] == tok.eot_id  # the seeded draws are the same whatever the limit, so:
+    fits = len(prompt[0]) + len(whole)  # the answer ends with EOT at this limit, not one below
+    for max_tokens in (fits, fits - 1):
         assert run_main(["--checkpoint", checkpoint, "--prompt", QUESTIONS[0], "--max_tokens", max_tokens]) is None
         ids = generate(model, prompts_for(tok, QUESTIONS[:1]), Settings(max_tokens=max_tokens), tok.eot_id)[0]
         out = capsys.readouterr()
         assert out.out == tok.decode([t for t in ids if t != tok.eot_id]) + "\n"
         stopped_at_limit = f"(stopped at the {max_tokens}-token limit)" in out.err
-        assert stopped_at_limit == (max_tokens == 25) == (ids[-1] != tok.eot_id)
+        assert stopped_at_limit == (max_tokens < fits) == (ids[-1] != tok.eot_id)
 
 
 def test_errors_are_one_line_not_tracebacks(tok, checkpoint, tmp_path):
@@ -340,15 +344,20 @@ def test_tensor_parallel_on_two_ranks_equals_one_process(checkpoint, tmp_path, c
     # LIMA's sampling, not greedy: the ranks must also agree on every random draw.
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(QUESTIONS) + "\n")
-    args = ["--checkpoint", checkpoint, "--prompts", prompts, "--batch_size", 2, "--max_tokens", 48]
-    assert run_main(args + ["--out", tmp_path / "one.jsonl"]) is None
+    # A limit at which some rows stop at EOT and others at the limit, at different steps of the
+    # same batch: where the seeded draws put EOT decides which limits do that.
+    for max_tokens in (48, 40, 56, 32, 64):
+        (tmp_path / "one.jsonl").unlink(missing_ok=True)
+        args = ["--checkpoint", checkpoint, "--prompts", prompts, "--batch_size", 2, "--max_tokens", max_tokens]
+        assert run_main(args + ["--out", tmp_path / "one.jsonl"]) is None
+        stops = [json.loads(line)["stop"] for line in (tmp_path / "one.jsonl").read_text().splitlines()]
+        if sorted(set(stops)) == ["eot", "length"]:
+            break
+    assert sorted(set(stops)) == ["eot", "length"]
     torchrun_sample(args + ["--out", tmp_path / "two.jsonl"])
     assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
-    # Rows stopped at EOT and at the limit, at different steps of the same batch.
-    stops = [json.loads(line)["stop"] for line in (tmp_path / "one.jsonl").read_text().splitlines()]
-    assert sorted(set(stops)) == ["eot", "length"]
     # Streaming one answer that ends with EOT: rank 0 prints, and rank 1 must stop when it does.
-    args = ["--checkpoint", checkpoint, "--prompt", QUESTIONS[0], "--max_tokens", 48]
+    args = ["--checkpoint", checkpoint, "--prompt", QUESTIONS[0], "--max_tokens", 128]  # all of max_seq_len
     capsys.readouterr()
     assert run_main(args) is None
     one = capsys.readouterr()
