@@ -39,7 +39,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from tqdm import tqdm
 
-from model import ModelArgs, Transformer, check_state_dict
+from model import ModelArgs, Transformer, check_state_dict, vocab_rows
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 EOT = "<EOT>"  # LIMA's end-of-turn token, as data.py's Tokenizer names it: id = sentencepiece's size
@@ -137,10 +137,9 @@ def read_meta(src: Path):
     args = ModelArgs.from_params(src / "params.json")
     # Meta writes vocab_size -1 (the tokenizer decides) and no max_seq_len: LLaMA-1 was trained at
     # 2048 tokens, the default (LLaMA-2 at 4096: edit params.json to use more).
-    if "tok_embeddings.weight" not in first:
-        raise ValueError(f"{paths[0]}: no tok_embeddings.weight; not a LLaMA shard in Meta's names")
+    vocab_size = vocab_rows(first, source=str(paths[0]))  # ParallelEmbedding splits dim 1, not the rows
     if args.vocab_size <= 0:
-        args.vocab_size = first["tok_embeddings.weight"].size(0)
+        args.vocab_size = vocab_size
     # A missing last shard leaves the numbering whole, but each shard holds 1/N of the heads.
     wq = first.get("layers.0.attention.wq.weight")
     if wq is not None and wq.size(0) * len(paths) != args.dim:
@@ -411,9 +410,7 @@ def to_hf(src, dst, dtype: torch.dtype | None = None, max_file_bytes: int = 5 * 
         if not (src / name).is_file():
             raise ValueError(f"{src}: no {name}; expected a directory written by convert.py")
     state_dict = load_tensors(src / "model.pth")
-    if "tok_embeddings.weight" not in state_dict:
-        raise ValueError(f"{src / 'model.pth'}: no tok_embeddings.weight; not a LLaMA in Meta's names")
-    args = ModelArgs.from_params(src / "params.json", vocab_size=state_dict["tok_embeddings.weight"].size(0))
+    args = ModelArgs.from_params(src / "params.json", vocab_size=vocab_rows(state_dict, str(src / "model.pth")))
     with torch.device("meta"):
         check_state_dict(Transformer(args), state_dict, source=str(src / "model.pth"))
     dtype = dtype or state_dict["tok_embeddings.weight"].dtype

@@ -379,9 +379,7 @@ class Transformer(nn.Module):
             if not (path / name).is_file():
                 raise FileNotFoundError(f"{path}: no {name}; expected a directory written by convert.py")
         state_dict = torch.load(path / "model.pth", map_location="cpu", mmap=True, weights_only=True)
-        if "tok_embeddings.weight" not in state_dict:
-            raise ValueError(f"{path / 'model.pth'}: no tok_embeddings.weight; not a LLaMA in Meta's names")
-        vocab_size = state_dict["tok_embeddings.weight"].size(0)
+        vocab_size = vocab_rows(state_dict, source=str(path / "model.pth"))
         args = ModelArgs.from_params(path / "params.json", **{"vocab_size": vocab_size, **overrides})
         with torch.device("meta"):
             model = cls(args)
@@ -417,6 +415,13 @@ def extend_vocab(weight: torch.Tensor, n_new: int) -> torch.Tensor:
     """
     mean = upcast(weight).mean(dim=0, keepdim=True).to(weight.dtype)  # (1, D)
     return torch.cat([weight, mean.expand(n_new, -1)], dim=0)
+
+
+def vocab_rows(state_dict: dict, source: str) -> int:
+    """The vocabulary size of a state dict in Meta's names: the rows of its tok_embeddings."""
+    if "tok_embeddings.weight" not in state_dict:
+        raise ValueError(f"{source}: no tok_embeddings.weight; not a LLaMA in Meta's names")
+    return state_dict["tok_embeddings.weight"].size(0)
 
 
 def check_state_dict(model: nn.Module, state_dict: dict, source: str, config: str = "params.json"):

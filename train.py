@@ -43,7 +43,7 @@ import checkpoint
 import memory
 from cli import parse_config
 from data import IGNORE, Batches, DataError, Tokenizer, collate, load_dataset, plan_batch
-from model import CONFIGS, ModelArgs, Transformer, check_state_dict, extend_vocab
+from model import CONFIGS, ModelArgs, Transformer, check_state_dict, extend_vocab, vocab_rows
 from optim import AdamWBF16
 
 
@@ -122,7 +122,8 @@ def loss_sum(h: torch.Tensor, output: torch.Tensor, targets: torch.Tensor) -> to
     depend on how the batch happens to be split.
     """
     keep = targets != IGNORE  # (B, T)
-    return ChunkedOutputLoss.apply(h[keep], output, targets[keep])
+    # Under no_grad (the dev loss) autograd still reports the weight as needing a gradient: say so.
+    return ChunkedOutputLoss.apply(h[keep], output, targets[keep], torch.is_grad_enabled())
 
 
 class ChunkedOutputLoss(torch.autograd.Function):
@@ -130,8 +131,8 @@ class ChunkedOutputLoss(torch.autograd.Function):
 
     Done the plain way, a packed row of 4,096 tokens over 32,001 pieces makes five (T, V)
     tensors (logits, float32 copy, log-softmax, two gradients), 2.6 GB in float32: for a
-    small model most of a step's memory traffic, and on the CPU fresh memory the kernel faults in page by page.
-    Here each chunk's logits become its loss and at once its gradient, softmax minus the
+    small model most of a step's memory traffic, and on the CPU fresh memory that the kernel
+    faults in page by page. Here each chunk's logits become its loss and at once its gradient, softmax minus the
     one-hot target, which feeds both input gradients and is dropped. The gradients are
     computed in forward because nothing after the loss can change them but the scalar
     backward brings. Same FLOPs as the plain way, nothing recomputed; float32 softmax.
@@ -139,8 +140,8 @@ class ChunkedOutputLoss(torch.autograd.Function):
     CHUNK_BYTES = 32 * 2**20  # of float32 logits per chunk (about 256 tokens of 32,001 pieces)
 
     @staticmethod
-    def forward(ctx, h, output, targets):  # h (N, D), output (V, D), targets (N,)
-        needs_grad = any(ctx.needs_input_grad[:2])
+    def forward(ctx, h, output, targets, grad_enabled):  # h (N, D), output (V, D), targets (N,)
+        needs_grad = grad_enabled and any(ctx.needs_input_grad[:2])
         chunk = max(1, ChunkedOutputLoss.CHUNK_BYTES // (4 * output.size(0)))
         loss = torch.zeros((), device=h.device)
         grad_h = torch.empty_like(h) if needs_grad else None
@@ -166,7 +167,7 @@ class ChunkedOutputLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_h, grad_out = ctx.saved_tensors
-        return grad_h * grad_loss, grad_out * grad_loss, None
+        return grad_h * grad_loss, grad_out * grad_loss, None, None
 
 
 # ---- distributed setup, model building ----
@@ -254,11 +255,9 @@ def load_pretrained_(model: Transformer, path: Path):
     base model before EOT) get the new rows as the mean of the old ones (model.extend_vocab).
     """
     state_dict = torch.load(path / "model.pth", map_location="cpu", mmap=True, weights_only=True)
-    if "tok_embeddings.weight" not in state_dict:
-        raise ValueError(f"{path / 'model.pth'}: no tok_embeddings.weight; not a LLaMA in Meta's names")
+    vocab_size = vocab_rows(state_dict, source=str(path / "model.pth"))  # before EOT, if a base model
     with torch.device("meta"):
-        base = Transformer(ModelArgs(**{**asdict(model.args),
-                                        "vocab_size": state_dict["tok_embeddings.weight"].size(0)}))
+        base = Transformer(ModelArgs(**{**asdict(model.args), "vocab_size": vocab_size}))
     check_state_dict(base, state_dict, source=str(path / "model.pth"))
     for name, param in model.named_parameters():
         # Meta's name: without what activation checkpointing and torch.compile wrap around a block

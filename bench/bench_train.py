@@ -13,8 +13,8 @@ q/k rows permuted as convert.py does; logits compared before timing), float32, t
 batches of 32 examples (data.Batches, epoch 0, steps 0 .. --steps-1 of the seeded order), the same
 loss (summed cross-entropy over answer tokens, divided by the global count of trained tokens: ours
 by train.loss_sum, which forms the logits a chunk at a time; HF's from its full logits by
-F.cross_entropy, as LlamaForCausalLM's own loss does), a gradient norm, and an AdamW step. Residual dropout is 0 on our side, as HF's
-LLaMA has none. Before the timed steps each arm runs its largest micro-step of the first batch once,
+F.cross_entropy, as LlamaForCausalLM's own loss does), a gradient norm, and an AdamW step.
+Residual dropout is 0 on our side, as HF's LLaMA has none. Before the timed steps each arm runs its largest micro-step of the first batch once,
 untimed (allocation, first-call costs); every arm is a fresh process, so its peak resident memory (VmHWM) is its own.
 
 Arms:

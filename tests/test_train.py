@@ -127,6 +127,8 @@ def test_chunked_output_loss_equals_cross_entropy_of_the_full_logits(monkeypatch
     torch.testing.assert_close(h.grad.float(), h_ref.grad, **tol)
     torch.testing.assert_close(w.grad.float(), w_ref.grad, **tol)
     assert h.grad.dtype == w.grad.dtype == dtype
+    with torch.no_grad():  # the dev loss: the same value, no gradients built
+        torch.testing.assert_close(train.loss_sum(h, w, targets), loss, **tol)
 
 
 def write_init(dir: Path, model: Transformer, examples):
