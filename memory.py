@@ -10,11 +10,22 @@ checks the parameter, gradient and optimizer bytes against closed forms and agai
 FSDP run really allocates, and the activation estimate against the tensors autograd really saves.
 """
 
+import math
+import os
 from dataclasses import dataclass
 
 from model import ModelArgs
 
 GB = 1e9
+
+
+# What each --weights mode stores per parameter (optim.py): weight, gradient, optimizer state.
+WEIGHT_BYTES = dict(fp32=4, bf16_kahan=2, bf16_sr=2)
+OPTIM_BYTES = dict(fp32=8, bf16_kahan=6, bf16_sr=4)  # two moments (+ Kahan's int16 compensation)
+# The modes by precision, best first: float32 AdamW; float32-exact weights with bf16 moments;
+# unbiased but noisy stochastic rounding.
+WEIGHTS = ("fp32", "bf16_kahan", "bf16_sr")
+PROCESS_GB = 1.0  # host memory of one rank besides the model: Python, torch, the data (0.3 GB after imports)
 
 
 @dataclass
@@ -24,7 +35,8 @@ class Options:
     max_tokens: int = 4096  # tokens in one packed row: the micro-step
     ac: str = "full"  # activation checkpointing: full, selective or none
     offload: bool = False  # FSDP CPU offload of parameters, gradients and optimizer state
-    weights: str = "fp32"  # master weights: fp32 (AdamW state fp32), or bf16 (see optim.py)
+    weights: str = "fp32"  # fp32 (AdamW state fp32), bf16_kahan or bf16_sr (see optim.py)
+    step_in_backward: bool = False  # each parameter stepped as soon as its gradient is reduced
     compute_bytes: int = 2  # bf16 compute on GPU
     gpu_gb: float = 80.0
 
@@ -58,18 +70,28 @@ def activation_bytes_per_token(args: ModelArgs, cb: int) -> dict:
 
 def plan(args: ModelArgs, o: Options) -> dict:
     """Bytes per GPU and per node's CPU, item by item. The whole arithmetic of the plan."""
+    if o.weights not in WEIGHTS:
+        raise ValueError(f"--weights must be one of {', '.join(WEIGHTS)}, not {o.weights!r}")
     P, P_block, P_root = param_counts(args)
-    W, T, cb = o.world_size, o.max_tokens, o.compute_bytes
-    wb = 4 if o.weights == "fp32" else 2
+    W, T, cb, wb = o.world_size, o.max_tokens, o.compute_bytes, WEIGHT_BYTES[o.weights]
     # Sharded state: every rank holds 1/W of each tensor (FSDP2 pads dim 0 to a multiple of W;
     # the padding is at most W-1 rows per tensor, which this ignores).
-    params, grads = P * wb / W, P * wb / W
-    # AdamW's two moments, fp32; AdamWBF16 keeps them in bf16 plus a 2-byte compensation term.
-    optim = P * 8 / W if o.weights == "fp32" else P * 6 / W
+    params, optim = P * wb / W, P * OPTIM_BYTES[o.weights] / W
+    if o.step_in_backward:
+        # Only the gradients FSDP has just reduce-scattered: one block's (or the root's) buffer
+        # in the weights' dtype, freed once its parameters are stepped; on a GPU the next
+        # block's can already be arriving (2 CPU ranks, which do not overlap, hold one).
+        grads = 2 * max(P_block, P_root) * wb / W
+    else:
+        grads = P * wb / W  # the whole model's, in the weights' dtype, until optimizer.step
     # Gathered for compute: the running block and the one prefetched, in the compute dtype; in
     # backward also that block's unsharded gradient (reduced in fp32), and the root's weights
     # (embeddings and output, gathered around the first and last block).
     in_flight = 2 * P_block * cb + P_block * 4 + P_root * cb + P_root * 4
+    # The optimizer steps one tensor at a time (optim.py; torch's AdamW with foreach=False):
+    # about six float32 temporaries of this rank's part of the largest tensor.
+    largest = max(args.vocab_size * args.dim, args.hidden_dim * args.dim)
+    step = 6 * 4 * largest / W
     per_token = activation_bytes_per_token(args, cb)
     if o.ac == "none":
         activations = args.n_layers * T * per_token["none"]
@@ -80,14 +102,53 @@ def plan(args: ModelArgs, o: Options) -> dict:
     # the gradient of the hidden states.
     chunk_bytes = 32 * 2**20  # train.ChunkedOutputLoss.CHUNK_BYTES
     logits = chunk_bytes * (1 + cb / 4) + args.vocab_size * args.dim * (4 + cb) + T * args.dim * cb
-    gpu = dict(params=params, grads=grads, optim=optim, in_flight=in_flight,
+    gpu = dict(params=params, grads=grads, optim=optim, step=step, in_flight=in_flight,
                activations=activations, logits=logits)
     cpu_per_node = 0.0
     if o.offload:  # sharded state lives in host memory; the GPU keeps only what is in flight
-        cpu_per_node = (params + grads + optim) * min(o.gpus_per_node, W)  # ranks on a node
-        gpu.update(params=0.0, grads=0.0, optim=0.0)
+        cpu_per_node = (params + grads + optim + step) * min(o.gpus_per_node, W)  # ranks on a node
+        gpu.update(params=0.0, grads=0.0, optim=0.0, step=0.0)
     total = sum(gpu.values())
     return dict(gpu=gpu, gpu_total=total, cpu_per_node=cpu_per_node, fits=total <= o.gpu_gb * GB)
+
+
+def backward_row_tokens(global_batch: int, world_size: int, max_len: int) -> int:
+    """--step_in_backward's row: a rank's whole share of a batch, trimmed conversations at most."""
+    return math.ceil(global_batch / world_size) * max_len
+
+
+def candidates(o: Options, weights: str, step_in_backward: str, global_batch: int, max_len: int,
+               grad_clip: bool) -> list[Options]:
+    """The configurations --weights / --step_in_backward allow ("auto" allows each), most precise
+    first: by weights (fp32, bf16_kahan, bf16_sr), then the ordinary step before the one in
+    backward, which needs a row of a rank's whole share and cannot clip gradients."""
+    found = []
+    for w in WEIGHTS if weights == "auto" else [weights]:
+        for in_backward in {"auto": [False, True], "true": [True], "false": [False]}[step_in_backward]:
+            if in_backward and grad_clip:
+                continue
+            tokens = o.max_tokens or (backward_row_tokens(global_batch, o.world_size, max_len)
+                                      if in_backward else 4096)
+            found.append(Options(**{**o.__dict__, "weights": w, "step_in_backward": in_backward,
+                                    "max_tokens": tokens}))
+    return found
+
+
+def choose(args: ModelArgs, options: list[Options]) -> tuple[Options | None, list[dict]]:
+    """The first (most precise) of the options whose plan fits, or None; and every option's plan."""
+    plans = [plan(args, o) for o in options]
+    return next((o for o, p in zip(options, plans) if p["fits"]), None), plans
+
+
+def host_available_gb() -> float:
+    """Memory the kernel can give this machine's processes now (MemAvailable), in GB."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 / GB
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / GB
 
 
 def smallest_world_size(args: ModelArgs, o: Options) -> int | None:
@@ -99,28 +160,44 @@ def smallest_world_size(args: ModelArgs, o: Options) -> int | None:
     return None
 
 
-def format_plan(args: ModelArgs, o: Options) -> str:
+def format_plan(args: ModelArgs, o: Options, budget: str = "GPU") -> str:
     p = plan(args, o)
     P = param_counts(args)[0]
-    lines = [f"{P / 1e9:.2f}B parameters, {o.world_size} GPU(s), {o.max_tokens} tokens per micro-step, "
-             f"ac={o.ac}, weights={o.weights}, offload={o.offload}",
-             f"{'per GPU':<34}{'GB':>8}"]
+    lines = [f"{P / 1e9:.2f}B parameters, {o.world_size} {budget}(s), {o.max_tokens} tokens per micro-step, "
+             f"ac={o.ac}, weights={o.weights}, step_in_backward={str(o.step_in_backward).lower()}, "
+             f"offload={str(o.offload).lower()}",
+             f"{'per ' + budget:<34}{'GB':>8}"]
     names = dict(params="sharded parameters", grads="sharded gradients", optim="optimizer state",
-                 in_flight="unsharded blocks in flight", activations="activations", logits="logits and loss")
+                 step="optimizer step temporaries", in_flight="unsharded blocks in flight",
+                 activations="activations", logits="logits and loss")
     for k, v in p["gpu"].items():
         lines.append(f"  {names[k]:<32}{v / GB:>8.1f}")
     verdict = "fits" if p["fits"] else "does NOT fit"
-    lines.append(f"  {'total':<32}{p['gpu_total'] / GB:>8.1f}   {verdict} in {o.gpu_gb:.0f} GB of GPU memory")
+    lines.append(f"  {'total':<32}{p['gpu_total'] / GB:>8.1f}   {verdict} in {o.gpu_gb:.1f} GB")
     if o.offload:
         lines.append(f"  host memory per node (offloaded)  {p['cpu_per_node'] / GB:>8.1f}")
-    w = smallest_world_size(args, o)
-    lines.append(f"smallest world size that fits the GPUs: {w if w else 'none up to 1,024'}"
-                 + (" (the host memory above is not checked)" if o.offload else ""))
+    return "\n".join(lines)
+
+
+def format_choice(args: ModelArgs, options: list[Options], budget: str = "GPU") -> str:
+    """Every allowed configuration with its total, the choice, and the chosen one's plan."""
+    chosen, plans = choose(args, options)
+    lines = [f"{'weights':<12}{'step_in_backward':<18}{'row tokens':>11}{'GB per ' + budget:>14}"]
+    for o, p in zip(options, plans):
+        mark = "  <- chosen" if o is chosen else ("  fits" if p["fits"] else "")
+        lines.append(f"{o.weights:<12}{str(o.step_in_backward).lower():<18}{o.max_tokens:>11,}"
+                     f"{p['gpu_total'] / GB:>14.1f}{mark}")
+    shown = chosen or min(zip(options, plans), key=lambda op: op[1]["gpu_total"])[0]
+    lines += ["", format_plan(args, shown, budget)]
+    if chosen is None:
+        w = smallest_world_size(args, shown)
+        lines.append(f"nothing fits {shown.gpu_gb:.1f} GB; the smallest world size where the least "
+                     f"hungry option fits: {w if w else 'none up to 1,024'}")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
     args = ModelArgs.from_name("llama-65b", vocab_size=32001)
-    for world, weights, offload in [(8, "fp32", False), (8, "fp32", True), (8, "bf16", True),
-                                    (16, "fp32", False), (16, "bf16", False), (32, "fp32", False)]:
-        print(format_plan(args, Options(world_size=world, weights=weights, offload=offload)), "\n")
+    for world in (8, 16, 32):
+        o = Options(world_size=world, max_tokens=0)
+        print(format_choice(args, candidates(o, "auto", "auto", 32, 2048, grad_clip=False)), "\n")

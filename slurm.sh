@@ -1,8 +1,9 @@
 #!/bin/bash
-# LIMA 65B on two 8xA100-80GB nodes under SLURM: one torchrun per node, 8 ranks each.
-# On 16 GPUs, float32 weights and AdamW state need 84 GB per GPU; bf16 weights with optim.py's
-# compensated AdamW need 59.1 GB (python train.py --plan true --preset llama-65b --world_size 16
-# --weights bf16). With --nodes=4 drop --weights bf16: float32 needs 50.9 GB per GPU on 32.
+# LIMA 65B on one 8xA100-80GB node under SLURM: one torchrun per node, 8 ranks each.
+# train.py picks the most precise configuration that its memory plan fits (printed at the start):
+# on 8 GPUs bf16 weights with stochastic rounding, stepped in backward (75.5 GB per GPU); with
+# --nodes=2 float32 stepped in backward (68.0 GB); with --nodes=4 the ordinary float32 step
+# (51.1 GB). See python train.py --plan true --preset llama-65b --world_size 8 (16, 32).
 #
 #     sbatch slurm.sh                       # first run
 #     sbatch slurm.sh                       # after a preemption: --resume auto picks up the newest checkpoint
@@ -10,7 +11,7 @@
 # SLURM sends SIGTERM before it kills a job (--signal below asks for 120 s of warning); train.py
 # saves a checkpoint at the next step boundary and exits 0, and the requeued job resumes.
 #SBATCH --job-name=lima-65b
-#SBATCH --nodes=2
+#SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=64
@@ -24,4 +25,4 @@ srun torchrun \
     --nnodes "$SLURM_NNODES" --nproc_per_node 8 \
     --rdzv_id "$SLURM_JOB_ID" --rdzv_backend c10d --rdzv_endpoint "$head_node:29500" \
     train.py --init ckpt/llama-65b --data lima/train.jsonl --dev lima/dev.jsonl \
-             --out out/lima-65b --weights bf16 --resume auto
+             --out out/lima-65b --resume auto

@@ -5,11 +5,11 @@ The CPU demo (tiny model from random weights, the project's own small dataset, a
     python train.py
 The same on two CPU processes (gloo), as the 8-GPU run would be on a node:
     torchrun --standalone --nproc_per_node 2 train.py
-LIMA itself: LLaMA 65B converted with convert.py, on two 8xA100-80GB nodes, which it fits with
-bf16 weights and optim.py's compensated AdamW (float32 weights need four nodes; see --plan):
-    torchrun --nproc_per_node 8 --nnodes 2 --rdzv_backend c10d --rdzv_endpoint $HEAD:29500 \\
-        train.py --init ckpt/llama-65b --data lima/train.jsonl --dev lima/dev.jsonl --out out/lima-65b \\
-        --weights bf16
+LIMA itself: LLaMA 65B converted with convert.py, on one 8xA100-80GB node, which it fits with
+bf16 weights, stochastic rounding and the optimizer stepped in backward (picked by the memory
+plan, printed at the start; more nodes get float32; see --plan true):
+    torchrun --nproc_per_node 8 train.py --init ckpt/llama-65b --data lima/train.jsonl \\
+        --dev lima/dev.jsonl --out out/lima-65b
     (slurm.sh does the same under SLURM)
 Resume after a crash or preemption (the newest complete checkpoint in --out):
     torchrun ... train.py <same arguments> --resume auto
@@ -44,7 +44,7 @@ import memory
 from cli import parse_config
 from data import IGNORE, Batches, DataError, Tokenizer, collate, load_dataset, plan_batch
 from model import CONFIGS, ModelArgs, Transformer, check_state_dict, extend_vocab, vocab_rows
-from optim import AdamWBF16
+from optim import AdamWBF16, local
 
 
 @dataclass
@@ -71,9 +71,10 @@ class TrainConfig:
     grad_clip: float = 0.0  # max global grad norm; 0: off (LIMA does not mention clipping)
     seed: int = 0
     # How to run it.
-    max_tokens: int = 4096  # tokens in one packed row (a micro-step) per rank
+    max_tokens: int = 0  # tokens in one packed row (a micro-step) per rank; 0: 4096, or a rank's whole share with --step_in_backward
     dtype: str = "auto"  # compute dtype: auto is bf16 on GPU, fp32 on CPU
-    weights: str = "fp32"  # stored weights: fp32 (with fp32 AdamW) or bf16 (optim.AdamWBF16)
+    weights: str = "auto"  # fp32 (fp32 AdamW), bf16_kahan or bf16_sr (optim.py); auto: the most precise that fits
+    step_in_backward: str = "auto"  # true: step each parameter as its gradient arrives (no whole-model gradients); auto: if needed to fit
     ac: str = "full"  # activation checkpointing per block: full, selective or none
     offload: bool = False  # FSDP CPU offload of parameters, gradients and optimizer state
     compile: bool = False  # torch.compile each block
@@ -83,9 +84,9 @@ class TrainConfig:
     resume: str = ""  # "auto" (newest complete in --out, or start fresh) or a checkpoint dir
     stop_after: int = 0  # save and exit once this many steps are done (a time-limited job); 0: off
     plan: bool = False  # print the memory plan (memory.py) for this model and options, and exit
-    memory_check: bool = True  # on GPU, refuse to start a run the plan says will not fit
-    world_size: int = 8  # GPUs to plan for
-    gpu_gb: float = 80.0  # memory of each planned GPU
+    memory_check: bool = True  # refuse to start a run the plan says will not fit (GPU memory, or host RAM on a CPU run)
+    world_size: int = 8  # GPUs to plan for (--plan)
+    gpu_gb: float = 80.0  # memory of each planned GPU (--plan)
 
 
 # `python train.py` with no --init trains a tiny model from scratch, where LIMA's fine-tuning
@@ -307,7 +308,7 @@ def build_model(cfg: TrainConfig, args: ModelArgs, device) -> Transformer:
     """Meta device -> activation checkpointing -> FSDP -> materialise -> load or init."""
     with torch.device("meta"):
         model = Transformer(args)  # no memory: 65B of parameters are only shapes here
-    if cfg.weights == "bf16":
+    if cfg.weights != "fp32":
         model.to(torch.bfloat16)  # on meta: only the recorded dtype changes
     apply_ac(model, cfg.ac)
     if cfg.compile:
@@ -332,18 +333,23 @@ def build_model(cfg: TrainConfig, args: ModelArgs, device) -> Transformer:
     return model
 
 
-def build_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.AdamW:
+def build_optimizer(model: Transformer, cfg: TrainConfig, rank: int = 0) -> torch.optim.Optimizer:
     """AdamW with decay on the weight matrices and embeddings, none on the RMSNorm gains.
 
     Decay pulls weights toward zero, a prior that makes sense for matrices; a norm gain is a
     per-channel scale whose natural value is 1, and decaying it only shrinks activations.
+    fp32: torch's AdamW one tensor at a time (foreach=False), whose temporaries are one
+    tensor's, not the whole model's; bf16: optim.py's, with its rounding.
     """
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    adamw = AdamWBF16 if cfg.weights == "bf16" else torch.optim.AdamW
-    return adamw(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    if cfg.weights == "fp32":
+        return torch.optim.AdamW(groups, foreach=False, **kwargs)
+    rounding = dict(bf16_kahan="kahan", bf16_sr="stochastic")[cfg.weights]
+    return AdamWBF16(groups, rounding=rounding, seed=cfg.seed * 100_003 + rank, **kwargs)
 
 
 # ---- the loop ----
@@ -366,6 +372,13 @@ class Stop:
         return bool(flag.item())
 
 
+def row_loss(model, examples, idxs, device) -> torch.Tensor:
+    """Forward over one packed row: the summed loss of its trained tokens (no division)."""
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(examples, idxs).items()}
+    h = model.hidden(batch["tokens"], batch["positions"], batch["doc_lens"])  # (1, L, D)
+    return loss_sum(h, model.output.weight, batch["targets"])
+
+
 def run_micro_steps(model, examples, rows, n_global, device, world_size):
     """Forward and backward over this rank's packed rows; returns the summed loss (no division).
 
@@ -377,12 +390,60 @@ def run_micro_steps(model, examples, rows, n_global, device, world_size):
     """
     total = torch.zeros((), device=device)
     for idxs in rows:
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(examples, idxs).items()}
-        h = model.hidden(batch["tokens"], batch["positions"], batch["doc_lens"])  # (1, L, D)
-        loss = loss_sum(h, model.output.weight, batch["targets"])
+        loss = row_loss(model, examples, idxs, device)
         (loss * world_size / n_global).backward()
         total += loss.detach()
     return total
+
+
+class StepInBackward:
+    """--step_in_backward: step each parameter as soon as FSDP2 has reduce-scattered its gradient,
+    and free that gradient at once, so that no rank ever holds the whole model's gradients.
+
+    FSDP2 runs a sharded parameter's post-accumulate-grad hooks right after writing its gradient,
+    block by block as backward goes down the model. That needs the whole batch in one backward
+    (one row per rank: a gradient cannot be accumulated over micro-steps once it is spent), and
+    rules out clipping by the global norm (known only when every gradient exists). The squared
+    norm is summed on the device as the gradients pass, with no sync per parameter, which would
+    stall the reduce-scatters behind it; grad_norm() reduces it once, after backward.
+    """
+
+    def __init__(self, model, optimizer, device):
+        self.optimizer, self.sq = optimizer, torch.zeros((), device=device)
+        for p in model.parameters():
+            p.register_post_accumulate_grad_hook(self.hook)
+
+    def hook(self, p):
+        self.sq += local(p.grad).float().pow(2).sum()
+        self.optimizer.step()  # p holds the only gradient: the others are spent or still to come
+        p.grad = None
+
+    def grad_norm(self) -> float:
+        dist.all_reduce(self.sq)
+        norm = self.sq.sqrt().item()
+        self.sq.zero_()
+        return norm
+
+
+def check_one_row(batches: Batches, start: int, total_steps: int):
+    """--step_in_backward: every step left must give each rank a single row; else refuse now."""
+    for step in range(start, total_steps):
+        rows = len(batches.plan(*divmod(step, batches.steps_per_epoch))[0])
+        if rows > 1:
+            raise ValueError(f"--step_in_backward needs one row per rank at every step, but step "
+                             f"{step + 1} packs into {rows} rows of --max_tokens {batches.max_tokens}: "
+                             f"raise --max_tokens, or use --step_in_backward false")
+
+
+def stop_if_not_finite(step: int, out: Path, loss: float, grad_norm: float | None = None, stepped=False):
+    """A NaN or infinite loss or gradient stops the run naming the step; nothing is saved."""
+    if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
+        return
+    last = checkpoint.list_checkpoints(out)
+    where = "the weights were already stepped in backward; " if stepped else ""
+    norm = f", grad norm {grad_norm}" if grad_norm is not None else ""
+    raise FloatingPointError(f"step {step + 1}: loss {loss}{norm}; {where}stopping without saving "
+                             f"(last good checkpoint: {last[-1] if last else 'none'})")
 
 
 @torch.no_grad()
@@ -414,24 +475,28 @@ def train(cfg: TrainConfig):
 
     args = model_args(cfg, tokenizer)
     cfg = resolve_size_defaults(cfg, args)
-    check_memory(cfg, args, world_size, device)
+    found = (checkpoint.list_checkpoints(out) if cfg.resume == "auto" else [Path(cfg.resume)]) if cfg.resume else []
+    saved = json.loads((found[-1] / "state.json").read_text())["config"] if found else None
+    cfg = choose_memory(cfg, args, world_size, device, saved, verbose=rank == 0)
     model = build_model(cfg, args, device)
     torch.manual_seed(cfg.seed + rank)  # dropout masks: reproducible, and different on every rank
     n_params = model.num_params()
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg, rank)
     batches = Batches([len(e["tokens"]) for e in train_set.examples], cfg.global_batch, world_size,
                       cfg.max_tokens, cfg.seed)
     total_steps = cfg.epochs * batches.steps_per_epoch
 
     step = 0  # optimizer steps taken so far, over all epochs
-    if cfg.resume:
-        found = checkpoint.list_checkpoints(out) if cfg.resume == "auto" else [Path(cfg.resume)]
-        if found:
-            state = checkpoint.load(found[-1], model, optimizer)
-            check_same_run(state["config"], cfg, found[-1])
-            step = state["step"]
-            if rank == 0:
-                print(f"resumed from {found[-1]} at step {step}")
+    if found:
+        state = checkpoint.load(found[-1], model, optimizer)
+        check_same_run(state["config"], cfg, found[-1])
+        step = state["step"]
+        if rank == 0:
+            print(f"resumed from {found[-1]} at step {step}")
+    stepper = None
+    if cfg.step_in_backward == "true":
+        check_one_row(batches, step, total_steps)
+        stepper = StepInBackward(model, optimizer, device)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
@@ -454,17 +519,24 @@ def train(cfg: TrainConfig):
         lr = lr_at(step, total_steps, cfg.lr, cfg.final_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss = run_micro_steps(model, train_set.examples, plan[rank], n_global, device, world_size)
-        dist.all_reduce(loss)
-        loss = loss.item() / n_global
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-        grad_norm = (grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm).item()
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            last = checkpoint.list_checkpoints(out)
-            raise FloatingPointError(f"step {step + 1}: loss {loss}, grad norm {grad_norm}; stopping "
-                                     f"without saving (last good checkpoint: {last[-1] if last else 'none'})")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if stepper:
+            loss_sum_row = row_loss(model, train_set.examples, plan[rank][0], device)
+            loss = loss_sum_row.detach().clone()
+            dist.all_reduce(loss)  # the whole batch's loss, before backward touches any weight
+            loss = loss.item() / n_global
+            stop_if_not_finite(step, out, loss)
+            (loss_sum_row * world_size / n_global).backward()  # every parameter is stepped in it
+            grad_norm = stepper.grad_norm()
+            stop_if_not_finite(step, out, loss, grad_norm, stepped=True)
+        else:
+            loss = run_micro_steps(model, train_set.examples, plan[rank], n_global, device, world_size)
+            dist.all_reduce(loss)
+            loss = loss.item() / n_global
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            grad_norm = (grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm).item()
+            stop_if_not_finite(step, out, loss, grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         step += 1
         dt = time.perf_counter() - t0
         record = dict(step=step, epoch=round(step / batches.steps_per_epoch, 4), loss=loss, lr=lr,
@@ -567,35 +639,91 @@ def device_stats(device, flops_per_s: float) -> dict:
 
 # ---- command line ----
 
-def check_memory(cfg: TrainConfig, args: ModelArgs, world_size: int, device):
-    """Before anything loads: stop a run that the memory plan says would run out of GPU memory.
+CUDA_RESERVE_GB = 2.0  # GPU memory outside the plan: CUDA context, NCCL buffers, fragmentation (not measured)
+CHOICES = dict(weights=("auto",) + memory.WEIGHTS, step_in_backward=("auto", "true", "false"),
+               dtype=("auto", "bf16", "fp32"), ac=("full", "selective", "none"))
 
-    Without this, a 65B run that cannot fit finds out after many minutes of loading weights.
+
+def check_choices(cfg: TrainConfig):
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"--{name} must be one of {', '.join(allowed)}, not {getattr(cfg, name)!r}")
+    if cfg.step_in_backward == "true" and cfg.grad_clip > 0:
+        raise ValueError("--step_in_backward true steps each parameter before the other gradients exist, "
+                         "so it cannot clip by the global norm: drop --grad_clip or use --step_in_backward false")
+
+
+def memory_budget(device) -> tuple[float, str]:
+    """GB one rank may plan for, and of what: its GPU, or its share of the host's available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / memory.GB - CUDA_RESERVE_GB, "GPU"
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return memory.host_available_gb() / ranks_here - memory.PROCESS_GB, "CPU rank"
+
+
+def choose_memory(cfg: TrainConfig, args: ModelArgs, world_size: int, device, saved: dict | None = None,
+                  verbose: bool = True) -> TrainConfig:
+    """Before anything loads: settle --weights, --step_in_backward and --max_tokens, and refuse a
+    run that the memory plan says would run out of memory.
+
+    "auto" takes the most precise configuration that fits this rank's memory (memory.candidates
+    gives the order); a resumed run keeps what it started with. Without this a 65B run that cannot
+    fit finds out after many minutes of loading, and a CPU run that exhausts the host's RAM is
+    killed by the kernel without a word.
     """
-    if device.type != "cuda" or not cfg.memory_check:
-        return
-    gpu_gb = torch.cuda.get_device_properties(device).total_memory / memory.GB
-    options = memory.Options(world_size=world_size, gpus_per_node=torch.cuda.device_count(),
-                             max_tokens=cfg.max_tokens, ac=cfg.ac, offload=cfg.offload,
-                             weights=cfg.weights, compute_bytes=2 if cfg.dtype != "fp32" else 4,
-                             gpu_gb=gpu_gb)
-    p = memory.plan(args, options)
-    if not p["fits"]:
-        raise ValueError(f"the memory plan needs {p['gpu_total'] / memory.GB:.1f} GB per GPU and these "
-                         f"have {gpu_gb:.1f} GB ({world_size} GPUs, --weights {cfg.weights}, --offload "
-                         f"{str(cfg.offload).lower()}, --ac {cfg.ac}); see train.py --plan true for what "
-                         f"fits (--memory_check false to try anyway)")
+    check_choices(cfg)
+    if saved:  # a resumed run continues as it began: the same optimizer state and rows
+        for name, unset in (("weights", "auto"), ("step_in_backward", "auto"), ("max_tokens", 0)):
+            if getattr(cfg, name) == unset:
+                setattr(cfg, name, saved[name])
+        if saved["weights"] != cfg.weights:
+            raise ValueError(f"this run's optimizer state is --weights {saved['weights']}, which cannot "
+                             f"continue as --weights {cfg.weights}: resume with the same value")
+    budget_gb, budget = memory_budget(device)
+    ranks_here = torch.cuda.device_count() if device.type == "cuda" else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    base = memory.Options(world_size=world_size, gpus_per_node=ranks_here, max_tokens=cfg.max_tokens,
+                          ac=cfg.ac, offload=cfg.offload, gpu_gb=budget_gb,
+                          compute_bytes=2 if device.type == "cuda" and cfg.dtype != "fp32" else 4)
+    options = memory.candidates(base, cfg.weights, cfg.step_in_backward, cfg.global_batch, cfg.max_len,
+                                cfg.grad_clip > 0)
+    chosen, plans = memory.choose(args, options)
+    host_gb = memory.host_available_gb() - ranks_here * memory.PROCESS_GB
+    if chosen is not None and cfg.offload and memory.plan(args, chosen)["cpu_per_node"] / memory.GB > host_gb:
+        if cfg.memory_check:
+            raise ValueError(f"--offload true needs {memory.plan(args, chosen)['cpu_per_node'] / memory.GB:.1f} GB "
+                             f"of host memory on this node and {host_gb:.1f} GB are available")
+    if chosen is None:
+        least = min(zip(options, plans), key=lambda op: op[1]["gpu_total"])
+        if cfg.memory_check:
+            raise ValueError(f"the memory plan needs at least {least[1]['gpu_total'] / memory.GB:.1f} GB per "
+                             f"{budget} (--weights {least[0].weights} --step_in_backward "
+                             f"{str(least[0].step_in_backward).lower()}) and {budget_gb:.1f} GB are available "
+                             f"({world_size} rank(s), --offload {str(cfg.offload).lower()}, --ac {cfg.ac}); see "
+                             f"train.py --plan true for what fits (--memory_check false to try anyway)")
+        chosen = least[0]  # told to try anyway: the least hungry
+    p = memory.plan(args, chosen)
+    cfg.weights, cfg.max_tokens = chosen.weights, chosen.max_tokens
+    cfg.step_in_backward = str(chosen.step_in_backward).lower()
+    if verbose:
+        print(f"memory plan: --weights {cfg.weights} --step_in_backward {cfg.step_in_backward} --max_tokens "
+              f"{cfg.max_tokens}: {p['gpu_total'] / memory.GB:.1f} of {budget_gb:.1f} GB per {budget}"
+              + (" (the most precise that fits)" if len(options) > 1 else ""))
+    return cfg
 
 
 def print_plan(cfg: TrainConfig):
     """--plan: the memory each GPU and node will need, from the model's shape alone."""
+    check_choices(cfg)
     if cfg.init or cfg.preset not in CONFIGS or cfg.preset == "tiny":
         args = model_args(cfg, Tokenizer(Path(cfg.init) / "tokenizer.model" if cfg.init else cfg.tokenizer))
     else:  # a Meta preset: Meta's 32,000 pieces plus EOT
         args = ModelArgs.from_name(cfg.preset, vocab_size=32001)
-    options = memory.Options(world_size=cfg.world_size, max_tokens=cfg.max_tokens, ac=cfg.ac,
-                             offload=cfg.offload, weights=cfg.weights, gpu_gb=cfg.gpu_gb)
-    print(memory.format_plan(args, options))
+    global_batch = cfg.global_batch or lima_size_defaults(memory.param_counts(args)[0])["global_batch"]
+    base = memory.Options(world_size=cfg.world_size, max_tokens=cfg.max_tokens, ac=cfg.ac,
+                          offload=cfg.offload, gpu_gb=cfg.gpu_gb)
+    options = memory.candidates(base, cfg.weights, cfg.step_in_backward, global_batch, cfg.max_len,
+                                cfg.grad_clip > 0)
+    print(memory.format_choice(args, options))
 
 
 def main(argv):

@@ -73,8 +73,8 @@ def test_resume_mid_epoch_reproduces_every_later_loss(init_dir, tmp_path, nproc)
 
 
 def test_resume_with_bf16_weights_and_their_compensated_adamw(init_dir, tmp_path):
-    """slurm.sh's 65B setting: optim.AdamWBF16's state (moments, Kahan terms) resumes too."""
-    bf16 = ("--weights", "bf16", "--lr", "1e-2", "--final_lr", "1e-3")
+    """optim.AdamWBF16's state (moments, integer Kahan terms) resumes too."""
+    bf16 = ("--weights", "bf16_kahan", "--lr", "1e-2", "--final_lr", "1e-3")
     run(train_args(init_dir, tmp_path / "straight", *bf16))
     run(train_args(init_dir, tmp_path / "stopped", *bf16, "--stop_after", "13"))
     run(train_args(init_dir, tmp_path / "stopped", *bf16, "--resume", "auto"))

@@ -6,7 +6,8 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from memory import Options, activation_bytes_per_token, param_counts, plan, smallest_world_size
+from memory import (Options, activation_bytes_per_token, candidates, choose, param_counts, plan,
+                    smallest_world_size)
 from model import CONFIGS, ModelArgs, Transformer
 
 # Meta's counts at vocab 32,000 (tests/test_model.py), plus the EOT rows: 2 * dim more.
@@ -19,24 +20,43 @@ COUNTS = {"llama-7b": 6_738_415_616 + 2 * 4096, "llama-13b": 13_015_864_320 + 2 
 @pytest.mark.parametrize("world_size", [1, 8, 16, 64])
 def test_sharded_state_bytes_are_the_closed_forms(name, world_size):
     args = ModelArgs.from_name(name, vocab_size=32001)
-    P = COUNTS[name]
+    P, W = COUNTS[name], world_size
+    _, block, root = param_counts(args)
     assert param_counts(args)[0] == P
-    fp32 = plan(args, Options(world_size=world_size))["gpu"]
-    assert (fp32["params"], fp32["grads"], fp32["optim"]) == (4 * P / world_size, 4 * P / world_size,
-                                                              8 * P / world_size)
-    bf16 = plan(args, Options(world_size=world_size, weights="bf16"))["gpu"]
-    assert (bf16["params"], bf16["grads"], bf16["optim"]) == (2 * P / world_size, 2 * P / world_size,
-                                                              6 * P / world_size)
-    off = plan(args, Options(world_size=world_size, offload=True))
+    # bytes a parameter of (weight, gradient, optimizer state): optim.py's docstring
+    for weights, (wb, gb, ob) in dict(fp32=(4, 4, 8), bf16_kahan=(2, 2, 6), bf16_sr=(2, 2, 4)).items():
+        gpu = plan(args, Options(world_size=W, weights=weights))["gpu"]
+        assert (gpu["params"], gpu["grads"], gpu["optim"]) == (wb * P / W, gb * P / W, ob * P / W)
+        # stepped in backward: no whole-model gradients, only two blocks' sharded ones
+        in_bwd = plan(args, Options(world_size=W, weights=weights, step_in_backward=True))["gpu"]
+        assert in_bwd["grads"] == 2 * gb * max(block, root) / W
+        assert (in_bwd["params"], in_bwd["optim"]) == (gpu["params"], gpu["optim"])
+    off = plan(args, Options(world_size=W, offload=True))
     assert off["gpu"]["params"] == off["gpu"]["grads"] == off["gpu"]["optim"] == 0
-    assert off["cpu_per_node"] == 16 * P / world_size * min(world_size, 8)  # the ranks on one node
+    step = plan(args, Options(world_size=W))["gpu"]["step"]
+    assert off["cpu_per_node"] == (16 * P / W + step) * min(W, 8)  # the ranks on one node
 
 
-def test_65b_needs_more_than_one_node_without_offload():
+def chosen(args, world_size, **kw):
+    o = Options(world_size=world_size, max_tokens=0)
+    best, _ = choose(args, candidates(o, kw.get("weights", "auto"), kw.get("in_backward", "auto"), 32, 2048,
+                                      kw.get("grad_clip", False)))
+    return best and (best.weights, best.step_in_backward, best.max_tokens)
+
+
+def test_65b_fits_one_node_only_with_stochastic_rounding_stepped_in_backward():
     args = ModelArgs.from_name("llama-65b", vocab_size=32001)
+    # 8 GPUs: 6 bytes a parameter (bf16 weights and moments) = 49 GB of state; rows of a rank's
+    # 4 examples of up to 2,048 tokens
+    assert chosen(args, 8) == ("bf16_sr", True, 8192)
+    assert chosen(args, 8, grad_clip=True) is None  # clipping needs whole-model gradients
+    assert chosen(args, 8, weights="bf16_kahan") is None  # 8 bytes a parameter: 65 GB of state
+    assert chosen(args, 16) == ("fp32", True, 4096)  # two nodes: float32, stepped in backward
+    assert chosen(args, 16, in_backward="false") == ("bf16_kahan", False, 4096)
+    assert chosen(args, 32) == ("fp32", False, 4096)  # four nodes: the ordinary float32 step
     assert not plan(args, Options(world_size=8))["fits"]  # 16 bytes x 65B / 8 = 130 GB of state
     assert plan(args, Options(world_size=8, offload=True))["fits"]
-    assert smallest_world_size(args, Options(weights="bf16")) == 16
+    assert smallest_world_size(args, Options(weights="bf16_kahan")) == 16
 
 
 def test_block_and_root_counts_add_up():
@@ -49,8 +69,10 @@ def test_block_and_root_counts_add_up():
         assert block == sum(p.numel() for p in model.layers[0].parameters())
 
 
-def test_plan_matches_what_fsdp_allocates_on_two_ranks(tmp_path):
-    """Parameter, gradient and AdamW bytes each rank really holds, against the plan."""
+@pytest.mark.parametrize("weights, in_backward", [("fp32", False), ("bf16_kahan", False), ("bf16_sr", True)])
+def test_plan_matches_what_fsdp_allocates_on_two_ranks(tmp_path, weights, in_backward):
+    """Parameter, gradient and AdamW bytes each rank really holds, against the plan; stepped in
+    backward, the most gradient bytes alive at any moment of backward."""
     from test_train import torchrun
     args = ModelArgs(dim=128, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=500, multiple_of=32,
                      max_seq_len=128)
@@ -60,9 +82,14 @@ def test_plan_matches_what_fsdp_allocates_on_two_ranks(tmp_path):
     (tmp_path / "params.json").write_text(json.dumps(asdict(args)))
     torch.save(model.state_dict(), tmp_path / "model.pth")
     torch.save([dict(tokens=list(range(1, 40)), targets=list(range(2, 41)))] * 2, tmp_path / "examples.pt")
-    torchrun(2, "tests/fsdp_worker.py", str(tmp_path), str(tmp_path / "out.pt"), "64", "full")
+    torchrun(2, "tests/fsdp_worker.py", str(tmp_path), str(tmp_path / "out.pt"), "64", "full", weights,
+             str(in_backward).lower())
     measured = torch.load(tmp_path / "out.pt", weights_only=True)["bytes"]  # (rank, [params, grads, optim])
-    planned = plan(args, Options(world_size=2, compute_bytes=4))["gpu"]
+    planned = plan(args, Options(world_size=2, compute_bytes=4, weights=weights,
+                                 step_in_backward=in_backward))["gpu"]
+    # In backward the plan allows two blocks' reduce buffers (a GPU overlaps the next block's
+    # reduce-scatter with this one's steps); the CPU ranks here hold one at a time.
+    planned["grads"] /= 2 if in_backward else 1
     for rank in range(2):
         for i, key in enumerate(["params", "grads", "optim"]):
             assert measured[rank, i].item() == pytest.approx(planned[key], rel=0.03), (rank, key)

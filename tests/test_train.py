@@ -167,7 +167,7 @@ def test_masked_prompt_positions_get_no_gradient_and_eot_rows_train():
     # one optimizer step moves the EOT rows of both the embedding and the output layer (without
     # weight decay, which would move every row, trained or not)
     before_emb, before_out = model.tok_embeddings.weight[eot].clone(), model.output.weight[eot].clone()
-    opt = train.build_optimizer(model, train.TrainConfig(lr=1e-3, weight_decay=0.0))
+    opt = train.build_optimizer(model, train.TrainConfig(lr=1e-3, weight_decay=0.0, weights="fp32"))
     train.loss_sum(model.hidden(torch.tensor([tokens])), model.output.weight, torch.tensor([targets])).backward()
     assert model.tok_embeddings.weight.grad[eot].abs().sum() > 0 and model.output.weight.grad[eot].abs().sum() > 0
     opt.step()
@@ -176,24 +176,76 @@ def test_masked_prompt_positions_get_no_gradient_and_eot_rows_train():
 
 
 def test_weight_decay_skips_norm_gains():
-    groups = train.build_optimizer(fresh_model(), train.TrainConfig()).param_groups
+    groups = train.build_optimizer(fresh_model(), train.TrainConfig(weights="fp32")).param_groups
     assert groups[0]["weight_decay"] == 0.1 and all(p.dim() == 2 for p in groups[0]["params"])
     assert groups[1]["weight_decay"] == 0.0 and all(p.dim() == 1 for p in groups[1]["params"])
 
 
-def test_a_65b_run_that_cannot_fit_stops_before_loading(monkeypatch):
-    # Two nodes of 8 A100-80GB (as torch would report them): float32 weights and AdamW need 84 GB
-    # per GPU (16 bytes a parameter / 16, plus what is in flight); bf16 weights need 59.1 GB.
+def fake_gpus(monkeypatch, gb=80.0, count=8):
+    """A node of `count` GPUs of `gb` GB, as torch would report them; nothing is allocated."""
     monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda device: type("Props", (), {"total_memory": 80e9})())
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+                        lambda device: type("Props", (), {"total_memory": gb * 1e9})())
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    return torch.device("cuda", 0)  # only named: choose_memory allocates nothing
+
+
+def choice(cfg):
+    return cfg.weights, cfg.step_in_backward, cfg.max_tokens
+
+
+def test_65b_picks_the_most_precise_configuration_that_fits_and_refuses_one_that_cannot(monkeypatch):
+    cuda = fake_gpus(monkeypatch)
     args = ModelArgs.from_name("llama-65b", vocab_size=32001)
-    cuda = torch.device("cuda", 0)  # only named: check_memory allocates nothing
-    with pytest.raises(ValueError, match=r"needs 8\d\.\d GB per GPU and these have 80.0 GB"):
-        train.check_memory(train.TrainConfig(), args, 16, cuda)
-    train.check_memory(train.TrainConfig(weights="bf16"), args, 16, cuda)
-    train.check_memory(train.TrainConfig(), args, 32, cuda)
-    train.check_memory(train.TrainConfig(memory_check=False), args, 16, cuda)
+    lima = dict(global_batch=32, resid_dropout=0.3)
+    # One node: only bf16 weights with stochastic rounding, stepped in backward (75.5 GB of 78).
+    assert choice(train.choose_memory(train.TrainConfig(**lima), args, 8, cuda)) == ("bf16_sr", "true", 8192)
+    assert choice(train.choose_memory(train.TrainConfig(**lima), args, 16, cuda)) == ("fp32", "true", 4096)
+    assert choice(train.choose_memory(train.TrainConfig(**lima), args, 32, cuda)) == ("fp32", "false", 4096)
+    # Every choice stays the user's: a fixed one that does not fit is refused before loading.
+    fixed = dict(weights="fp32", step_in_backward="false")
+    with pytest.raises(ValueError, match=r"needs at least 84\.\d GB per GPU .* and 78.0 GB are available"):
+        train.choose_memory(train.TrainConfig(**lima, **fixed), args, 16, cuda)
+    assert choice(train.choose_memory(train.TrainConfig(**lima, weights="bf16_kahan"), args, 16, cuda))[:2] \
+        == ("bf16_kahan", "false")
+    with pytest.raises(ValueError, match=r"needs at least 84.3 GB per GPU \(--weights bf16_sr --step_in_backward false\)"):  # clipping: no step in backward
+        train.choose_memory(train.TrainConfig(**lima, grad_clip=1.0), args, 8, cuda)
+    tried = train.choose_memory(train.TrainConfig(**lima, **fixed, memory_check=False), args, 16, cuda)
+    assert choice(tried) == ("fp32", "false", 4096)
+
+
+def test_a_cpu_run_that_cannot_fit_the_hosts_memory_stops_before_loading(monkeypatch):
+    """python train.py --preset llama-7b on a 24 GB machine: refused in one line, not OOM-killed."""
+    monkeypatch.setattr(train.memory, "host_available_gb", lambda: 24.0)
+    cpu = torch.device("cpu")
+    args = ModelArgs.from_name("llama-7b", vocab_size=1025)
+    with pytest.raises(ValueError, match=r"GB per CPU rank .* and 23.0 GB are available"):
+        train.choose_memory(train.TrainConfig(global_batch=64), args, 1, cpu)
+    tiny = ModelArgs.from_name("tiny", vocab_size=1025)
+    assert choice(train.choose_memory(train.TrainConfig(global_batch=8), tiny, 1, cpu)) == ("fp32", "false", 4096)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks share the machine: 11 GB each
+    with pytest.raises(ValueError, match="and 11.0 GB are available"):
+        train.choose_memory(train.TrainConfig(global_batch=64), args, 2, cpu)
+
+
+def test_step_in_backward_refuses_clipping_and_a_resume_keeps_its_configuration(monkeypatch):
+    cuda = fake_gpus(monkeypatch)
+    args = ModelArgs.from_name("llama-65b", vocab_size=32001)
+    with pytest.raises(ValueError, match="cannot clip by the global norm"):
+        train.choose_memory(train.TrainConfig(step_in_backward="true", grad_clip=1.0), args, 8, cuda)
+    with pytest.raises(ValueError, match="--weights must be one of auto, fp32, bf16_kahan, bf16_sr, not 'bf16'"):
+        train.choose_memory(train.TrainConfig(weights="bf16"), args, 8, cuda)
+    saved = dict(weights="bf16_kahan", step_in_backward="false", max_tokens=2048)  # fits 32 GPUs
+    resumed = train.choose_memory(train.TrainConfig(global_batch=32), args, 32, cuda, saved)
+    assert choice(resumed) == ("bf16_kahan", "false", 2048)  # not the fp32 that auto would pick
+    with pytest.raises(ValueError, match="optimizer state is --weights bf16_kahan, which cannot continue as"):
+        train.choose_memory(train.TrainConfig(weights="fp32"), args, 32, cuda, saved)
+
+
+def test_step_in_backward_refuses_a_batch_that_needs_more_than_one_row():
+    batches = train.Batches([30, 30, 30, 30], global_batch=4, world_size=1, max_tokens=64, seed=0)
+    with pytest.raises(ValueError, match="step 1 packs into 2 rows of --max_tokens 64"):
+        train.check_one_row(batches, 0, 2)
+    train.check_one_row(train.Batches([30] * 4, global_batch=4, world_size=2, max_tokens=64, seed=0), 0, 2)
 
 
 def test_step_flops_match_torch_flop_counter():
