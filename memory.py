@@ -39,6 +39,7 @@ class Options:
     step_in_backward: bool = False  # each parameter stepped as soon as its gradient is reduced
     compute_bytes: int = 2  # bf16 compute on GPU
     gpu_gb: float = 80.0
+    host_gb: float = 0.0  # host memory a node can give offloaded state; 0: not checked
 
 
 def param_counts(args: ModelArgs) -> tuple[int, int, int]:
@@ -109,7 +110,8 @@ def plan(args: ModelArgs, o: Options) -> dict:
         cpu_per_node = (params + grads + optim + step) * min(o.gpus_per_node, W)  # ranks on a node
         gpu.update(params=0.0, grads=0.0, optim=0.0, step=0.0)
     total = sum(gpu.values())
-    return dict(gpu=gpu, gpu_total=total, cpu_per_node=cpu_per_node, fits=total <= o.gpu_gb * GB)
+    host_fits = not o.offload or not o.host_gb or cpu_per_node <= o.host_gb * GB
+    return dict(gpu=gpu, gpu_total=total, cpu_per_node=cpu_per_node, fits=total <= o.gpu_gb * GB and host_fits)
 
 
 def backward_row_tokens(global_batch: int, world_size: int, max_len: int) -> int:

@@ -39,9 +39,13 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 
 def gap(w: torch.Tensor) -> torch.Tensor:
-    """The distance from bf16 value w to the next bf16 value away from zero, as float32."""
-    _, exponent = torch.frexp(w.float())  # |w| = m * 2^e, m in [0.5, 1): 8 bits below 2^e
-    return torch.ldexp(torch.ones_like(w, dtype=torch.float32), exponent - 8)
+    """The distance from bf16 value w to the next bf16 value away from zero, as float32.
+
+    For |w| in [2^e, 2^(e+1)) that is 2^(e-7): the float32 whose exponent field is w's minus 7
+    and whose mantissa is zero (at least the smallest normal float, for w = 0).
+    """
+    exponent_bits = w.float().view(torch.int32) & 0x7F800000
+    return (exponent_bits - (7 << 23)).clamp_(min=1 << 23).view(torch.float32)
 
 
 def round_stochastic(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -681,26 +681,23 @@ def choose_memory(cfg: TrainConfig, args: ModelArgs, world_size: int, device, sa
                              f"continue as --weights {cfg.weights}: resume with the same value")
     budget_gb, budget = memory_budget(device)
     ranks_here = torch.cuda.device_count() if device.type == "cuda" else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    host_gb = memory.host_available_gb() - ranks_here * memory.PROCESS_GB  # for --offload's state
     base = memory.Options(world_size=world_size, gpus_per_node=ranks_here, max_tokens=cfg.max_tokens,
-                          ac=cfg.ac, offload=cfg.offload, gpu_gb=budget_gb,
+                          ac=cfg.ac, offload=cfg.offload, gpu_gb=budget_gb, host_gb=host_gb if cfg.offload else 0.0,
                           compute_bytes=2 if device.type == "cuda" and cfg.dtype != "fp32" else 4)
     options = memory.candidates(base, cfg.weights, cfg.step_in_backward, cfg.global_batch, cfg.max_len,
                                 cfg.grad_clip > 0)
     chosen, plans = memory.choose(args, options)
-    host_gb = memory.host_available_gb() - ranks_here * memory.PROCESS_GB
-    if chosen is not None and cfg.offload and memory.plan(args, chosen)["cpu_per_node"] / memory.GB > host_gb:
-        if cfg.memory_check:
-            raise ValueError(f"--offload true needs {memory.plan(args, chosen)['cpu_per_node'] / memory.GB:.1f} GB "
-                             f"of host memory on this node and {host_gb:.1f} GB are available")
     if chosen is None:
-        least = min(zip(options, plans), key=lambda op: op[1]["gpu_total"])
+        least, p = min(zip(options, plans), key=lambda op: (op[1]["gpu_total"], op[1]["cpu_per_node"]))
         if cfg.memory_check:
-            raise ValueError(f"the memory plan needs at least {least[1]['gpu_total'] / memory.GB:.1f} GB per "
-                             f"{budget} (--weights {least[0].weights} --step_in_backward "
-                             f"{str(least[0].step_in_backward).lower()}) and {budget_gb:.1f} GB are available "
-                             f"({world_size} rank(s), --offload {str(cfg.offload).lower()}, --ac {cfg.ac}); see "
-                             f"train.py --plan true for what fits (--memory_check false to try anyway)")
-        chosen = least[0]  # told to try anyway: the least hungry
+            host = (f"; --offload true also needs {p['cpu_per_node'] / memory.GB:.1f} GB of host memory on "
+                    f"this node, which has {host_gb:.1f} GB available" if cfg.offload else "")
+            raise ValueError(f"the memory plan needs at least {p['gpu_total'] / memory.GB:.1f} GB per {budget} "
+                             f"(--weights {least.weights} --step_in_backward {str(least.step_in_backward).lower()}) "
+                             f"and {budget_gb:.1f} GB are available ({world_size} rank(s), --ac {cfg.ac}){host}; "
+                             f"see train.py --plan true for what fits (--memory_check false to try anyway)")
+        chosen = least  # told to try anyway: the least hungry
     p = memory.plan(args, chosen)
     cfg.weights, cfg.max_tokens = chosen.weights, chosen.max_tokens
     cfg.step_in_backward = str(chosen.step_in_backward).lower()

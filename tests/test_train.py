@@ -227,6 +227,18 @@ def test_a_cpu_run_that_cannot_fit_the_hosts_memory_stops_before_loading(monkeyp
         train.choose_memory(train.TrainConfig(global_batch=64), args, 2, cpu)
 
 
+def test_offload_is_refused_when_the_node_lacks_the_host_memory(monkeypatch):
+    cuda = fake_gpus(monkeypatch)
+    args = ModelArgs.from_name("llama-65b", vocab_size=32001)
+    monkeypatch.setattr(train.memory, "host_available_gb", lambda: 600.0)  # 592 GB with 8 ranks' own
+    offload = dict(offload=True, step_in_backward="false", global_batch=32)
+    with pytest.raises(ValueError, match=r"--offload true also needs 105\d.\d GB of host memory on this node, "
+                                         r"which has 592.0 GB available"):
+        train.choose_memory(train.TrainConfig(weights="fp32", **offload), args, 8, cuda)
+    # auto: the most precise whose offloaded state the host can hold (bf16_kahan: 653 GB does not)
+    assert choice(train.choose_memory(train.TrainConfig(**offload), args, 8, cuda))[0] == "bf16_sr"
+
+
 def test_step_in_backward_refuses_clipping_and_a_resume_keeps_its_configuration(monkeypatch):
     cuda = fake_gpus(monkeypatch)
     args = ModelArgs.from_name("llama-65b", vocab_size=32001)
