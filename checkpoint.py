@@ -14,9 +14,20 @@ A checkpoint is a directory (epoch-05, or step-000120 for an interval or a preem
 It is written under a hidden name (.tmp-epoch-05) and renamed when every rank has finished: a
 directory without the dot is complete, and a kill at any moment leaves at most a .tmp- folder
 that nothing reads.
+
+Nothing in a checkpoint can run code when it is read, even one someone else wrote. DCP's own
+reader unpickles .metadata with plain pickle and its non-tensor entries (an optimizer's step
+counts and hyperparameters) with torch.load(weights_only=False): either would run whatever a
+planted pickle asks. Here .metadata goes through an unpickler that builds only DCP's metadata
+classes (MetadataUnpickler) and the non-tensor entries through torch.load(weights_only=True),
+which allows plain numbers, strings and containers; anything else is refused in one line,
+naming the file. (DCP's safetensors format would avoid pickle too, but it writes only tensors:
+the optimizer's hyperparameters and the torch.optim state layout would need a second format.)
 """
 
+import io
 import json
+import pickle
 import shutil
 import sys
 import warnings
@@ -26,6 +37,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
@@ -80,6 +95,77 @@ def drop_old_optimizer_states(out_dir, keep: int):
     dist.barrier()
 
 
+# What a DCP .metadata pickle may build: DCP's own records, sizes, dtypes, paths. Nothing that runs.
+METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "MetadataIndex", "ChunkStorageMetadata",
+                                              "TensorProperties", "TensorStorageMetadata",
+                                              "BytesStorageMetadata", "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},  # torch.strided from its name
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if name in METADATA_CLASSES.get(module, ()) or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it asks for {module}.{name}, which is not DCP metadata")
+
+
+def read_metadata(path: Path):
+    """A DCP directory's .metadata, unpickled with only DCP's metadata classes allowed."""
+    file = Path(path) / ".metadata"
+    if not file.is_file():
+        raise ValueError(f"{path}: no .metadata: not a complete DCP checkpoint")
+    try:
+        return MetadataUnpickler(io.BytesIO(file.read_bytes())).load()
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{file}: refused: {e}, and loading it could run code") from None
+    except Exception as e:  # truncated or foreign bytes
+        raise ValueError(f"{file}: unreadable, truncated or not DCP metadata ({e})") from None
+
+
+class SafeReader(dcp.FileSystemReader):
+    """DCP's file reader with read_metadata through MetadataUnpickler."""
+
+    def read_metadata(self, *args, **kwargs):
+        metadata = read_metadata(Path(self.path))
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's load planner with the non-tensor entries read by torch.load(weights_only=True)."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            detail = str(e).partition("\n")[0]
+            raise ValueError(f"entry {read_item.dest_index.fqn} refused: it pickles more than plain values, "
+                             f"and loading it could run code ({detail})") from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def safe_dcp_load(state_dict: dict, path: Path, **kwargs):
+    """dcp.load that runs nothing from the files; a refusal or a bad shard is one ValueError."""
+    read_metadata(path)  # the same refusal on every rank, before any collective
+    try:
+        dcp.load(state_dict, storage_reader=SafeReader(path), planner=SafeLoadPlanner(), **kwargs)
+    except CheckpointException as e:  # DCP gathers each rank's failure: report the first
+        error = next(iter(e.failures.values()))
+        error = error[0] if isinstance(error, tuple) else error  # (exception, its stack)
+        raise ValueError(f"{path}: {str(error).partition(chr(10))[0]}") from None
+
+
 def load(path, model, optimizer) -> dict:
     """Load a checkpoint into an FSDP model and its optimizer; return state.json."""
     path = Path(path)
@@ -89,16 +175,20 @@ def load(path, model, optimizer) -> dict:
         raise FileNotFoundError(f"{path}: has weights only (its optimizer state was dropped, see "
                                 f"--keep_optim); resume from a newer checkpoint or export this one")
     model_sd = get_model_state_dict(model)
-    dcp.load(model_sd, checkpoint_id=path / "model")
+    safe_dcp_load(model_sd, path / "model")
     set_model_state_dict(model, model_sd)
     if optimizer is not None:
         optim_sd = get_optimizer_state_dict(model, optimizer)
-        dcp.load(optim_sd, checkpoint_id=path / "optim")
+        safe_dcp_load(optim_sd, path / "optim")
         set_optimizer_state_dict(model, optimizer, optim_sd)
     state = json.loads((path / "state.json").read_text())
     rng_file = path / f"rng-{dist.get_rank()}.pt"
     if state["world_size"] == dist.get_world_size() and rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=True))
+        try:
+            set_rng_state(torch.load(rng_file, weights_only=True))
+        except pickle.UnpicklingError:
+            raise ValueError(f"{rng_file}: refused: it pickles more than RNG states, and loading it "
+                             f"could run code") from None
     return state
 
 
@@ -137,7 +227,7 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None) -> tuple[Tr
     state_dict = model.state_dict()
     with warnings.catch_warnings():  # one process is what we mean: no need to say so
         warnings.filterwarnings("ignore", "torch.distributed is disabled")
-        dcp.load(state_dict, checkpoint_id=path / "model", no_dist=True)
+        safe_dcp_load(state_dict, path / "model", no_dist=True)
     model = model.to(device=device, dtype=dtype)
     model.init_buffers()  # after .to(): the RoPE table stays float32
     return model.eval(), tokenizer

@@ -27,7 +27,6 @@ import itertools
 import json
 import mmap
 import os
-import pickle
 import shutil
 import sys
 from contextlib import contextmanager
@@ -39,7 +38,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from tqdm import tqdm
 
-from model import ModelArgs, Transformer, check_state_dict, vocab_rows
+from model import ModelArgs, Transformer, check_state_dict, load_weights_file, vocab_rows
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 EOT = "<EOT>"  # LIMA's end-of-turn token, as data.py's Tokenizer names it: id = sentencepiece's size
@@ -65,21 +64,15 @@ def import_safetensors():
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of one weights file, memory-mapped: nothing is read until a tensor is used."""
-    safetensors = import_safetensors() if path.suffix == ".safetensors" else None
+    if path.suffix != ".safetensors":
+        return load_weights_file(path)
+    safetensors = import_safetensors()
     try:
-        if safetensors:
-            with safetensors.safe_open(path, framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}
-        tensors = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except pickle.UnpicklingError:  # weights_only met a class or function: its pickle could run code
-        raise ValueError(f"{path}: refused: it pickles objects other than tensors, and loading "
-                         f"them could run code") from None
-    except Exception as e:  # a truncated file loses its zip index (or safetensors header) first
+        with safetensors.safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # a truncated file loses its header first
         detail = str(e).partition("\n")[0]
         raise ValueError(f"{path}: unreadable, truncated or not a checkpoint ({detail})") from None
-    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
-        raise ValueError(f"{path}: holds no dict of tensors")
-    return tensors
 
 
 def layer_of(key: str) -> str:

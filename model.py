@@ -19,6 +19,7 @@ Dimension legend used in the shape comments:
 
 import json
 import math
+import pickle
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -378,7 +379,7 @@ class Transformer(nn.Module):
         for name in ("params.json", "model.pth"):
             if not (path / name).is_file():
                 raise FileNotFoundError(f"{path}: no {name}; expected a directory written by convert.py")
-        state_dict = torch.load(path / "model.pth", map_location="cpu", mmap=True, weights_only=True)
+        state_dict = load_weights_file(path / "model.pth")
         vocab_size = vocab_rows(state_dict, source=str(path / "model.pth"))
         args = ModelArgs.from_params(path / "params.json", **{"vocab_size": vocab_size, **overrides})
         with torch.device("meta"):
@@ -388,6 +389,25 @@ class Transformer(nn.Module):
         model.load_state_dict(state_dict, assign=True)
         model.init_buffers()
         return model.eval()
+
+
+def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    """A torch.save'd dict of tensors (model.pth), memory-mapped, never unpickling anything else.
+
+    weights_only=True refuses any class or function in the pickle (which a planted file would
+    use to run code): refused here in one line, as is a truncated or foreign file.
+    """
+    try:
+        tensors = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError:  # weights_only met a class or function: its pickle could run code
+        raise ValueError(f"{path}: refused: it pickles objects other than tensors, and loading "
+                         f"them could run code") from None
+    except Exception as e:  # a truncated file loses its zip index first
+        detail = str(e).partition("\n")[0]
+        raise ValueError(f"{path}: unreadable, truncated or not a checkpoint ({detail})") from None
+    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        raise ValueError(f"{path}: holds no dict of tensors")
+    return tensors
 
 
 @torch.compiler.disable  # a loop over a varying number of conversations: run it eagerly

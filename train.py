@@ -43,7 +43,8 @@ import checkpoint
 import memory
 from cli import parse_config
 from data import IGNORE, Batches, DataError, Tokenizer, collate, load_dataset, plan_batch
-from model import CONFIGS, ModelArgs, Transformer, check_state_dict, extend_vocab, vocab_rows
+from model import (CONFIGS, ModelArgs, Transformer, check_state_dict, extend_vocab, load_weights_file,
+                   vocab_rows)
 from optim import AdamWBF16, local
 
 
@@ -255,7 +256,7 @@ def load_pretrained_(model: Transformer, path: Path):
     rank ever holds the whole model. Tensors with fewer vocabulary rows than the model (the
     base model before EOT) get the new rows as the mean of the old ones (model.extend_vocab).
     """
-    state_dict = torch.load(path / "model.pth", map_location="cpu", mmap=True, weights_only=True)
+    state_dict = load_weights_file(path / "model.pth")
     vocab_size = vocab_rows(state_dict, source=str(path / "model.pth"))  # before EOT, if a base model
     with torch.device("meta"):
         base = Transformer(ModelArgs(**{**asdict(model.args), "vocab_size": vocab_size}))
