@@ -27,6 +27,7 @@ the optimizer's hyperparameters and the torch.optim state layout would need a se
 
 import io
 import json
+import os
 import pickle
 import shutil
 import sys
@@ -49,15 +50,59 @@ from data import Tokenizer
 from model import ModelArgs, Transformer
 
 
+def read_state(path: Path) -> dict:
+    """A checkpoint's state.json, checked for what resuming needs; ValueError naming what is wrong."""
+    file = Path(path) / "state.json"
+    try:
+        state = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no state.json: not a complete checkpoint") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: cut off or not JSON ({e})") from None
+    for key, kind in (("step", int), ("epoch", int), ("world_size", int), ("config", dict)):
+        if not isinstance(state, dict) or not isinstance(state.get(key), kind):
+            raise ValueError(f"{file}: no {kind.__name__} {key!r}: an incomplete or edited state")
+    return state
+
+
+def problem(path: Path) -> str | None:
+    """Why a directory is not a complete checkpoint, or None if it is one."""
+    try:
+        read_state(path)
+    except ValueError as e:
+        return str(e)
+    for name in ("params.json", "tokenizer.model", "model/.metadata"):
+        if not (path / name).is_file():
+            return f"{path}: no {name}: not a complete checkpoint"
+    return None
+
+
 def is_checkpoint(path: Path) -> bool:
-    return path.is_dir() and not path.name.startswith(".") and (path / "state.json").is_file()
+    return path.is_dir() and not path.name.startswith(".") and problem(path) is None
 
 
 def list_checkpoints(out_dir) -> list[Path]:
     """Complete checkpoints in out_dir, oldest first (by training step)."""
     out_dir = Path(out_dir)
     found = [p for p in out_dir.iterdir() if is_checkpoint(p)] if out_dir.is_dir() else []
-    return sorted(found, key=lambda p: json.loads((p / "state.json").read_text())["step"])
+    return sorted(found, key=lambda p: read_state(p)["step"])
+
+
+def damaged(out_dir) -> list[str]:
+    """What is wrong with each folder of out_dir that is named like a checkpoint but is not one."""
+    out_dir = Path(out_dir)
+    named = sorted(p for p in out_dir.glob("*") if p.is_dir() and p.name.startswith(("epoch-", "step-")))
+    return [why for p in named if (why := problem(p))] if out_dir.is_dir() else []
+
+
+def fsync(path: Path):
+    """Flush a file's (or a directory's entries') data to the disk, so that a power loss after the
+    rename that commits a checkpoint cannot leave it with empty or missing files."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save(path, model, optimizer, state: dict, args: ModelArgs, tokenizer_path):
@@ -73,16 +118,21 @@ def save(path, model, optimizer, state: dict, args: ModelArgs, tokenizer_path):
     if optimizer is not None:
         dcp.save(get_optimizer_state_dict(model, optimizer), checkpoint_id=tmp / "optim")
     torch.save(rng_state(), tmp / f"rng-{rank}.pt")
+    fsync(tmp / f"rng-{rank}.pt")  # DCP fsyncs its own files (FileSystemWriter's sync_files)
     dist.barrier()
     if rank == 0:
         (tmp / "params.json").write_text(json.dumps(asdict(args), indent=2))
         shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
         (tmp / "state.json").write_text(json.dumps({**state, "world_size": dist.get_world_size()}, indent=2))
+        for name in ("params.json", "tokenizer.model", "state.json", "model", "optim", "."):
+            if (tmp / name).exists():
+                fsync(tmp / name)
         old = path.parent / f".old-{path.name}"
         if path.exists():  # saving the same step again (after a resume): set the old one aside,
             shutil.rmtree(old, ignore_errors=True)  # by a rename, so that no kill can leave it
             path.rename(old)  # half deleted under a name that --resume would pick
         tmp.rename(path)  # the commit point: atomic on a POSIX file system
+        fsync(path.parent)  # and the rename itself on the disk
         shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
 
@@ -163,14 +213,16 @@ def safe_dcp_load(state_dict: dict, path: Path, **kwargs):
     except CheckpointException as e:  # DCP gathers each rank's failure: report the first
         error = next(iter(e.failures.values()))
         error = error[0] if isinstance(error, tuple) else error  # (exception, its stack)
-        raise ValueError(f"{path}: {str(error).partition(chr(10))[0]}") from None
+        detail = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise ValueError(f"{path}: unreadable or truncated ({detail})") from None
 
 
 def load(path, model, optimizer) -> dict:
     """Load a checkpoint into an FSDP model and its optimizer; return state.json."""
     path = Path(path)
-    if not is_checkpoint(path):
-        raise FileNotFoundError(f"{path}: not a complete checkpoint (no state.json)")
+    if (why := problem(path)) is not None:
+        raise ValueError(why)
+    check_same_shape(path, model.args)
     if optimizer is not None and not (path / "optim").is_dir():
         raise FileNotFoundError(f"{path}: has weights only (its optimizer state was dropped, see "
                                 f"--keep_optim); resume from a newer checkpoint or export this one")
@@ -181,7 +233,7 @@ def load(path, model, optimizer) -> dict:
         optim_sd = get_optimizer_state_dict(model, optimizer)
         safe_dcp_load(optim_sd, path / "optim")
         set_optimizer_state_dict(model, optimizer, optim_sd)
-    state = json.loads((path / "state.json").read_text())
+    state = read_state(path)
     rng_file = path / f"rng-{dist.get_rank()}.pt"
     if state["world_size"] == dist.get_world_size() and rng_file.is_file():
         try:
@@ -190,6 +242,15 @@ def load(path, model, optimizer) -> dict:
             raise ValueError(f"{rng_file}: refused: it pickles more than RNG states, and loading it "
                              f"could run code") from None
     return state
+
+
+def check_same_shape(path: Path, args: ModelArgs):
+    """Refuse a checkpoint of another model's shape before DCP meets a size mismatch."""
+    saved = ModelArgs.from_params(path / "params.json")
+    for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim"):
+        if getattr(saved, name) != getattr(args, name):
+            raise ValueError(f"{path} holds a model with {name} {getattr(saved, name)}, and this run's model "
+                             f"has {name} {getattr(args, name)}: resume with the same model (--init or --preset)")
 
 
 def rng_state() -> dict:
@@ -251,7 +312,7 @@ def main(argv):
     try:
         if len(argv) == 2 and argv[0] == "list":
             for path in list_checkpoints(argv[1]):
-                state = json.loads((path / "state.json").read_text())
+                state = read_state(path)
                 optim = "weights+optimizer" if (path / "optim").is_dir() else "weights only"
                 print(f"{path.name:>14}  step {state['step']:>6}  epoch {state['epoch']:>3}  {optim}")
         elif len(argv) in (3, 5) and argv[0] == "export":

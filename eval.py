@@ -477,6 +477,7 @@ def dev_loss(model, tok, conversations: list[list[str]], max_len: int) -> tuple[
 
 def loss_table(run, dev, max_len=2048, device="auto", dtype="auto") -> list[dict]:
     """Dev loss and perplexity of every epoch checkpoint, printed and written to RUN/eval/dev_loss.jsonl."""
+    from checkpoint import read_state
     from sample import load_model
     from data import load_conversations
     device, dtype = device_and_dtype(device, dtype)
@@ -486,7 +487,7 @@ def loss_table(run, dev, max_len=2048, device="auto", dtype="auto") -> list[dict
     for epoch, path in sorted(epoch_checkpoints(run).items()):
         model, tok = load_model(path, device, dtype)
         loss, n = dev_loss(model, tok, conversations, max_len)
-        step = json.loads((path / "state.json").read_text())["step"]
+        step = read_state(path)["step"]
         rows.append(dict(checkpoint=path.name, epoch=epoch, step=step, dev_loss=loss,
                          perplexity=math.exp(loss), tokens=n))
         print(f"{path.name:<12} {epoch:>5} {step:>7} {loss:>9.4f} {math.exp(loss):>11.2f}")

@@ -477,7 +477,12 @@ def train(cfg: TrainConfig):
     args = model_args(cfg, tokenizer)
     cfg = resolve_size_defaults(cfg, args)
     found = (checkpoint.list_checkpoints(out) if cfg.resume == "auto" else [Path(cfg.resume)]) if cfg.resume else []
-    saved = json.loads((found[-1] / "state.json").read_text())["config"] if found else None
+    if cfg.resume == "auto" and rank == 0:
+        for why in checkpoint.damaged(out):  # a damaged one is never picked, and said so
+            print(f"skipping: {why}")
+    saved = checkpoint.read_state(found[-1])["config"] if found else None
+    if found:
+        checkpoint.check_same_shape(found[-1], args)  # before minutes of loading
     cfg = choose_memory(cfg, args, world_size, device, saved, verbose=rank == 0)
     model = build_model(cfg, args, device)
     torch.manual_seed(cfg.seed + rank)  # dropout masks: reproducible, and different on every rank

@@ -180,3 +180,51 @@ def test_two_ranks_train_the_same_weights_as_one(init_dir, tmp_path):
         rows = start[name].size(0)  # the EOT row added to embeddings and output trains too
         assert (p1[:rows] - start[name]).abs().max() > 1e-3, name  # both really trained
         torch.testing.assert_close(p2, p1, rtol=0, atol=1e-4, msg=name)
+
+
+@pytest.fixture(scope="module")
+def two_saves(init_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("saves") / "run"
+    run(train_args(init_dir, out, "--save_every", "4", "--stop_after", "8", "--keep_optim", "2"))
+    return out
+
+
+@pytest.mark.parametrize("damage", ["cut-off state.json", "state.json without a step", "no DCP metadata"])
+def test_resume_auto_skips_a_damaged_checkpoint_and_says_so(init_dir, two_saves, tmp_path, damage):
+    out = tmp_path / "run"
+    shutil.copytree(two_saves, out)
+    newest = out / "step-000008"
+    state = newest / "state.json"
+    if damage == "cut-off state.json":
+        state.write_text(state.read_text()[:40])
+    elif damage == "state.json without a step":
+        state.write_text(json.dumps({k: v for k, v in json.loads(state.read_text()).items() if k != "step"}))
+    else:
+        (newest / "model" / ".metadata").unlink()
+    result = run(train_args(init_dir, out, "--resume", "auto"))
+    output = result.stdout + result.stderr
+    assert f"skipping: {newest}" in output and f"resumed from {out / 'step-000004'} at step 4" in output
+
+
+def test_a_truncated_shard_is_refused_in_one_line(init_dir, two_saves, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(two_saves, out)
+    shard = next((out / "step-000008" / "model").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    result = run(train_args(init_dir, out, "--resume", "auto"), check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {out / 'step-000008' / 'model'}: ")
+
+
+def test_resuming_into_a_model_of_another_shape_is_refused(init_dir, two_saves, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(two_saves, out)
+    other = tmp_path / "other"
+    shutil.copytree(init_dir, other)
+    params = json.loads((other / "params.json").read_text())
+    (other / "params.json").write_text(json.dumps({**params, "n_layers": 3}))
+    result = run(train_args(other, out, "--resume", "auto"), check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {out / 'step-000008'} holds a model with n_layers 2, and this run's model has n_layers 3: "
+        f"resume with the same model (--init or --preset)")
