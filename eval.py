@@ -292,10 +292,13 @@ def parse_rating(reply: str) -> str | None:
 
 
 def fill(template: str, **values) -> str:
-    # str.replace, not str.format: answers are full of braces (code, JSON, LaTeX).
-    for name, value in values.items():
-        template = template.replace("{" + name + "}", value)
-    return template
+    """Put the values in place of {name} in the template, in one pass over the template only.
+
+    Not str.format: answers are full of braces (code, JSON, LaTeX). And not one str.replace per
+    name: a value already inserted that itself says {answer_b} would be substituted next.
+    """
+    pattern = "|".join(re.escape("{" + name + "}") for name in values)
+    return re.sub(pattern, lambda m: values[m.group(0)[1:-1]], template)
 
 
 def judged(judge: Judge, template: str, parse):
@@ -807,6 +810,10 @@ def main(argv: list[str]):
         run_command(a)
     except Stop as e:  # a chosen stop: everything recorded so far is in the file
         print(e, file=sys.stderr)
+    except KeyboardInterrupt:  # judgements, ratings and answers are appended as each is made
+        saved = f": everything finished so far is in {a.out}, and the same command goes on" if getattr(a, "out", None) else ""
+        print(f"\nstopped by Ctrl-C{saved}", file=sys.stderr)
+        sys.exit(130)
     except (EvalError, OSError, ValueError) as e:
         fail(str(e))
     except Exception as e:

@@ -31,6 +31,7 @@ Every option, with its default:
 import functools
 import json
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -321,10 +322,16 @@ def answer_one(model, tok, prompt: str, s: Settings, rank: int):
 
 
 def chat(model, tok, s: Settings, rank: int):
-    """--chat: a conversation kept in LIMA's format; /reset starts over, /quit or Ctrl-D ends."""
+    """--chat: a conversation kept in LIMA's format; /reset starts over, /quit or Ctrl-D ends.
+
+    Ctrl-C while an answer is being written stops it there (what was written stays the answer);
+    Ctrl-C at the prompt ends the chat. In one process only: under tensor parallelism each rank
+    gets the signal at its own moment, so there Ctrl-C ends the program.
+    """
     say = print if rank == 0 else (lambda *a, **k: None)
     total = token_limit(model, s)
-    say("A new conversation. /reset starts another, /quit (or Ctrl-D) ends.")
+    say("A new conversation. /reset starts another, /quit (or Ctrl-D, or Ctrl-C) ends; "
+        "Ctrl-C while an answer is written stops it.")
     turns = []
     while True:
         line = tp.from_rank0(read_line("\nyou> ") if rank == 0 else None)
@@ -350,19 +357,29 @@ def chat(model, tok, s: Settings, rank: int):
             say(f"(forgot the oldest {dropped} exchange(s) to stay within {total} tokens)")
         say("\nlima> ", end="", flush=True)
         stream = Streamer(tok, show=rank == 0)
-        answer = generate(model, [ids], replace(s, seed=s.seed + len(turns)), tok.eot_id,
-                          on_token=stream)[0]  # a seed per turn, or each would draw the same noise
-        stream.finish()
-        if answer[-1] != tok.eot_id:
-            say(f"\n(stopped at the {total}-token limit)", end="")
+        try:
+            answer = generate(model, [ids], replace(s, seed=s.seed + len(turns)), tok.eot_id,
+                              on_token=stream)[0]  # a seed per turn, or each would draw the same noise
+        except KeyboardInterrupt:
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                raise
+            answer = stream.ids
+            say("\n(stopped by Ctrl-C)", end="")
+        else:
+            stream.finish()
+            if answer[-1] != tok.eot_id:
+                say(f"\n(stopped at the {total}-token limit)", end="")
         turns.append(tok.decode([t for t in answer if t != tok.eot_id]))
         say()
 
 
 def read_line(prompt: str) -> str | None:
+    """A line typed at the prompt; None for Ctrl-D or Ctrl-C (then the shell's prompt starts on a
+    line of its own)."""
     try:
         return input(prompt)
-    except EOFError:
+    except (EOFError, KeyboardInterrupt):
+        print()
         return None
 
 
@@ -410,7 +427,8 @@ def answer_file(model, tok, cfg: Config, s: Settings, rank: int):
     if rank == 0:
         print(f"{len(answered)} prompts already answered in {out}; {len(items)} to go", file=sys.stderr)
         out.parent.mkdir(parents=True, exist_ok=True)
-    with tqdm(total=len(items), unit="prompt", disable=rank != 0) as bar:
+    with interrupted_note(f"{out}: holds every answer finished so far; the same command answers the rest"), \
+            tqdm(total=len(items), unit="prompt", disable=rank != 0) as bar:
         for i in range(0, len(items), cfg.batch_size):
             batch = items[i:i + cfg.batch_size]
             # A seed of its own per batch, from its first prompt's place in the file: with one
@@ -425,6 +443,16 @@ def answer_file(model, tok, cfg: Config, s: Settings, rank: int):
                                    answer=tok.decode([t for t in ids if t != tok.eot_id]), stop=stop)
                         f.write(json.dumps(row, ensure_ascii=False) + "\n")
             bar.update(len(batch))
+
+
+@contextmanager
+def interrupted_note(note: str):
+    """On Ctrl-C, exit (status 130) with a line saying what was saved, not a traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"\nstopped by Ctrl-C. {note}", file=sys.stderr)
+        sys.exit(130)
 
 
 # ---- command line ----
@@ -460,6 +488,9 @@ def main(argv: list[str]):
             dist.barrier()  # no rank may tear down the process group while another still talks
     except (DataError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")  # one line, exit status 1
+    except KeyboardInterrupt:  # loading, or --prompt's answer: nothing to save
+        print("\nstopped by Ctrl-C", file=sys.stderr)
+        sys.exit(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -8,8 +8,11 @@
 #     sbatch slurm.sh                       # first run
 #     sbatch slurm.sh                       # after a preemption: --resume auto picks up the newest checkpoint
 #
-# SLURM sends SIGTERM before it kills a job (--signal below asks for 120 s of warning); train.py
-# saves a checkpoint at the next step boundary and exits 0, and the requeued job resumes.
+# SLURM sends SIGTERM before it kills a job (--signal below asks for 120 s of warning); every rank
+# of train.py saves a checkpoint at the next step boundary, prints "stopped by a signal at step N"
+# and exits 0, but torchrun itself, signalled too, then exits 1 with a SignalException traceback
+# of its own (torch's launcher). That exit after a clean save is not a failure: this script
+# requeues the job, which resumes with --resume auto.
 #SBATCH --job-name=lima-65b
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -21,8 +24,15 @@
 
 set -euo pipefail
 head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-srun torchrun \
+log="out/slurm-$SLURM_JOB_ID.log"
+if ! srun torchrun \
     --nnodes "$SLURM_NNODES" --nproc_per_node 8 \
     --rdzv_id "$SLURM_JOB_ID" --rdzv_backend c10d --rdzv_endpoint "$head_node:29500" \
     train.py --init ckpt/llama-65b --data lima/train.jsonl --dev lima/dev.jsonl \
-             --out out/lima-65b --resume auto
+             --out out/lima-65b --resume auto; then
+    if grep -q "stopped by a signal at step" "$log"; then  # saved: come back and resume
+        scontrol requeue "$SLURM_JOB_ID"
+        exit 0
+    fi
+    exit 1
+fi

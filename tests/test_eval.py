@@ -287,7 +287,10 @@ def test_judge_rating_and_the_command_line(server, tmp_path):
 
 def test_braces_in_answers_reach_the_judge_verbatim():
     text = ev.fill(ev.JUDGE_PROMPT, prompt="f{x}", answer_a="{'a': 1}", answer_b="{answer_a}")
-    assert "Question: f{x}" in text and "Answer A: {'a': 1}" in text
+    assert "Question: f{x}" in text and "Answer A: {'a': 1}" in text and "Answer B: {answer_a}" in text
+    # a value naming a placeholder filled after it stays as written too
+    text = ev.fill(ev.JUDGE_PROMPT, prompt="say {answer_b}", answer_a="{answer_b} \\1", answer_b="B's")
+    assert "Question: say {answer_b}" in text and "Answer A: {answer_b} \\1" in text and "Answer B: B's" in text
     assert ev.parse_verdict("A is better...\nVerdict: neither") == "neither"
     assert ev.parse_verdict("Verdict: A\n\nOn reflection, Verdict: B.") == "B"
     assert ev.parse_verdict("Answer A is better.") is None
@@ -348,8 +351,11 @@ def test_bad_input_is_one_line_and_exit_status_2(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """A run directory with epoch-01 and epoch-02: converted-format weights plus a state.json."""
+    """A run directory with epoch-01 and epoch-02, as train.py writes them (DCP weights, state.json)."""
+    import warnings
+
     import torch
+    import torch.distributed.checkpoint as dcp
     from data import Tokenizer
     from model import ModelArgs, Transformer
     tokenizer = ROOT / "data" / "tokenizer.model"
@@ -364,9 +370,11 @@ def tiny_run(tmp_path_factory):
         path = run / f"epoch-{epoch:02d}"
         path.mkdir()
         (path / "params.json").write_text(json.dumps(asdict(args)))
-        torch.save(model.state_dict(), path / "model.pth")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # one process, on purpose
+            dcp.save(model.state_dict(), checkpoint_id=path / "model", no_dist=True)  # as train.py's ranks do
         shutil.copy(tokenizer, path / "tokenizer.model")
-        (path / "state.json").write_text(json.dumps(dict(step=10 * epoch, epoch=epoch)))
+        (path / "state.json").write_text(json.dumps(dict(step=10 * epoch, epoch=epoch, world_size=1, config={})))
     return run, tok
 
 
