@@ -46,6 +46,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
+import convert
 from data import Tokenizer
 from model import ModelArgs, Transformer
 
@@ -295,16 +296,40 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None) -> tuple[Tr
 
 
 def export(src, dst, dtype=torch.bfloat16):
-    """A training checkpoint -> the converted format that sample.py, eval.py and convert.py read."""
-    model, _ = load_model(src, dtype=dtype)
-    dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    args = asdict(model.args)
-    args.pop("resid_dropout")  # a training setting, not part of the model's shape
-    (dst / "params.json").write_text(json.dumps(args, indent=2))
-    shutil.copyfile(Path(src) / "tokenizer.model", dst / "tokenizer.model")
-    torch.save(model.state_dict(), dst / "model.tmp")
-    (dst / "model.tmp").rename(dst / "model.pth")
+    """A training checkpoint -> the converted format that sample.py, eval.py and convert.py read.
+
+    Streamed, one tensor at a time: model.pth is written as a skeleton (convert.write_model), then
+    each tensor is read from the DCP shards on its own (a one-key state dict), cast, and copied
+    into the file's memory map. The peak is about the largest tensor, not the model: a 65B epoch
+    exports on any machine with a few GB free. The file is the one torch.save(state_dict) gives.
+    """
+    src, dst = Path(src), Path(dst)
+    if (why := problem(src)) is not None:
+        raise ValueError(why)
+    args = ModelArgs.from_params(src / "params.json")
+    saved = read_metadata(src / "model").state_dict_metadata
+    with torch.device("meta"):
+        state_dict = Transformer(args).state_dict()
+    layout = type(state_dict)((k, t.to(dtype)) for k, t in state_dict.items())  # meta: shapes only
+    layout._metadata = state_dict._metadata  # as torch.save(model.state_dict()) writes it
+    missing = sorted(set(layout) - set(saved))
+    if missing:
+        raise ValueError(f"{src / 'model'}: no {', '.join(missing[:3])}: not this model's weights")
+
+    def fill(out: dict[str, torch.Tensor]):
+        for name, target in out.items():
+            one = {name: torch.empty(saved[name].size, dtype=saved[name].properties.dtype)}
+            with warnings.catch_warnings():  # one process is what we mean: no need to say so
+                warnings.filterwarnings("ignore", "torch.distributed is disabled")
+                safe_dcp_load(one, src / "model", no_dist=True)
+            target.copy_(one[name])  # the cast to dtype, into the mapped file
+
+    with convert.staging(dst) as tmp:
+        params = asdict(args)
+        params.pop("resid_dropout")  # a training setting, not part of the model's shape
+        (tmp / "params.json").write_text(json.dumps(params, indent=2))
+        shutil.copyfile(src / "tokenizer.model", tmp / "tokenizer.model")
+        convert.write_model(tmp / "model.pth", layout, fill)
 
 
 def main(argv):

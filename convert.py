@@ -293,7 +293,9 @@ def staging(dst: Path):
 def write_model(path: Path, layout: dict[str, torch.Tensor], fill):
     """torch.save a dict shaped like layout (meta tensors), filled one layer at a time by fill(out)."""
     with FakeTensorMode():  # tensors with a shape and a dtype but no memory
-        skeleton = {k: torch.empty(t.shape, dtype=t.dtype) for k, t in layout.items()}
+        skeleton = type(layout)((k, torch.empty(t.shape, dtype=t.dtype)) for k, t in layout.items())
+    if hasattr(layout, "_metadata"):  # a module's state_dict (an OrderedDict with its versions)
+        skeleton._metadata = layout._metadata
     with torch.serialization.skip_data(materialize_fake_tensors=True):
         torch.save(skeleton, path)  # the pickle and the zip index, with holes where the bytes go
     if hasattr(os, "posix_fallocate"):  # claim the disk now: a full disk is an error here, not a crash later
