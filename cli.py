@@ -1,29 +1,104 @@
-"""The command line of train.py and sample.py: one --name value per field of a config dataclass.
+"""The command line of train.py and sample.py: one --name value (or --name=value) per field of a
+config dataclass.
 
-    python train.py --help     # every option, its default and the comment beside its field
+    python train.py --help     # every option, its default, its choices or range, and the comment beside its field
+
+A field declares what it accepts in its annotation, and parse_config checks it in one place:
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"           # one of these
+    epochs: Annotated[int, Range(ge=1)] = 15                   # at least 1
+    resid_dropout: Annotated[float, Range(ge=0, lt=1, also=(-1,))] = -1.0   # -1 or in [0, 1)
 """
 
+import difflib
 import inspect
+import math
 import re
 import sys
-from dataclasses import fields, is_dataclass
+import typing
+from dataclasses import dataclass, fields, is_dataclass
+
+
+@dataclass(frozen=True)
+class Range:
+    """The numbers a numeric field accepts: within the bounds given (ge >=, gt >, le <=, lt <),
+    or one of `also` (a special value, such as -1 for "auto"). Always a finite number."""
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    also: tuple = ()
+
+    def allows(self, value) -> bool:
+        if value in self.also:
+            return True
+        return (math.isfinite(value) and (self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+
+    def __str__(self) -> str:
+        low, high = (self.ge, "[") if self.ge is not None else (self.gt, "(")
+        top, end = (self.le, "]") if self.le is not None else (self.lt, ")")
+        if low is not None and top is not None:
+            text = f"in {high}{low:g}, {top:g}{end}"
+        elif low is not None:
+            text = f"at least {low:g}" if self.ge is not None else f"greater than {low:g}"
+        elif top is not None:
+            text = f"at most {top:g}" if self.le is not None else f"less than {top:g}"
+        else:
+            text = "a finite number"
+        return " or ".join([f"{v:g}" for v in self.also] + [text])
+
+
+def field_spec(f) -> tuple[type, tuple | None, Range | None]:
+    """A dataclass field's (type, choices or None, Range or None), from its annotation."""
+    kind, allowed = f.type, None
+    extras = ()
+    if typing.get_origin(kind) is typing.Annotated:
+        kind, *extras = typing.get_args(kind)
+    if typing.get_origin(kind) is typing.Literal:
+        allowed = typing.get_args(kind)
+        kind = type(allowed[0])
+    return kind, allowed, next((e for e in extras if isinstance(e, Range)), None)
+
+
+def check_fields(config):
+    """Raise ValueError naming the first field whose value is not among its choices or in its range."""
+    for f in fields(config):
+        _, allowed, bounds = field_spec(f)
+        value = getattr(config, f.name)
+        if allowed is not None and value not in allowed:
+            raise ValueError(f"--{f.name} must be one of {', '.join(map(str, allowed))}, not {value!r}")
+        if bounds is not None and not bounds.allows(value):
+            raise ValueError(f"--{f.name} must be {bounds}, not {value!r}")
 
 
 def parse_config(cls, argv: list[str]):
-    """argv -> (cls(**given values), set of given names). A bool may stand alone (--chat)."""
-    types = {f.name: f.type for f in fields(cls)}
+    """argv -> (cls(**given values), set of given names). A bool may stand alone (--chat).
+
+    Every value is checked against its field's type, choices and range (check_fields), and an
+    option that is not a field is refused. An option given again overrides the earlier value (as
+    argparse does): scripts and tests append overrides to a command line.
+    """
+    kinds = {f.name: field_spec(f)[0] for f in fields(cls)}
     if "--help" in argv or "-h" in argv:
         print_help(cls)
         sys.exit(0)
     values, i = {}, 0
     while i < len(argv):
-        name = argv[i].removeprefix("--")
-        if not argv[i].startswith("--") or name not in types:
-            raise ValueError(f"unknown option {argv[i]}; see --help")
-        kind, raw = types[name], argv[i + 1] if i + 1 < len(argv) else None
-        if kind is bool and (raw is None or raw.startswith("--")):
-            values[name], i = True, i + 1
-            continue
+        name, inline, given = argv[i].removeprefix("--").partition("=")
+        if not argv[i].startswith("--") or name not in kinds:
+            close = difflib.get_close_matches(name, kinds, n=1)
+            hint = f" (did you mean --{close[0]}?)" if close and argv[i].startswith("--") else ""
+            raise ValueError(f"unknown option {argv[i]}{hint}; see --help")
+        kind = kinds[name]
+        if inline:  # --name=value
+            raw, step = given, 1
+        else:
+            raw, step = (argv[i + 1] if i + 1 < len(argv) else None), 2
+            if raw is not None and raw.startswith("--") and (kind is bool or raw[2:].partition("=")[0] in kinds):
+                raw = None  # the next option, not a value
+            if kind is bool and raw is None:
+                values[name], i = True, i + 1
+                continue
         if raw is None:
             raise ValueError(f"--{name} needs a value")
         if kind is bool:
@@ -36,15 +111,24 @@ def parse_config(cls, argv: list[str]):
             except ValueError:
                 raise ValueError(f"--{name} takes a{'n' if kind is int else ''} {kind.__name__}, "
                                  f"not {raw!r}") from None
-        i += 2
-    return cls(**values), set(values)
+            if kind is float and not math.isfinite(values[name]):
+                raise ValueError(f"--{name} takes a finite number, not {raw!r}")
+        i += step
+    config = cls(**values)
+    check_fields(config)
+    return config, set(values)
 
 
 def print_help(cls):
-    """The script's docstring, then each option with its default; the comment after each field
-    in the source is its help, so the dataclass is the one place an option is documented."""
+    """The script's docstring, then each option with its default, its choices or range; the
+    comment after each field in the source is its help, so the dataclass is the one place an
+    option is documented."""
     source = "".join(inspect.getsource(c) for c in cls.__mro__ if is_dataclass(c))
     notes = dict(re.findall(r"^ +(\w+): .+?  # (.+)$", source, re.M))
     print(sys.modules[cls.__module__].__doc__.strip() + "\n\noptions (default):")
     for f in fields(cls):
-        print(f"  --{f.name} {f.default!r}".ljust(32) + notes.get(f.name, ""))
+        _, allowed, bounds = field_spec(f)
+        accepts = (f"one of {', '.join(map(str, allowed))}" if allowed is not None
+                   else str(bounds) if bounds is not None else "")
+        note = "; ".join(part for part in (notes.get(f.name, ""), accepts) if part)
+        print(f"  --{f.name} {f.default!r}".ljust(31), note)

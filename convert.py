@@ -25,6 +25,7 @@ and renamed when complete. Errors are one line, `error: ...`, exit status 2.
 import argparse
 import itertools
 import json
+import math
 import mmap
 import os
 import shutil
@@ -48,9 +49,12 @@ EOT = "<EOT>"  # LIMA's end-of-turn token, as data.py's Tokenizer names it: id =
 
 def read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except ValueError as e:
+        value = json.loads(path.read_text())
+    except ValueError as e:  # UnicodeDecodeError too
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, not {type(value).__name__} {str(value)[:40]}")
+    return value
 
 
 def import_safetensors():
@@ -60,6 +64,14 @@ def import_safetensors():
     except ImportError:
         raise ValueError("Hugging Face weights need the safetensors package: pip install safetensors") from None
     return safetensors
+
+
+def sentencepiece_model(path: Path) -> sentencepiece.SentencePieceProcessor:
+    """A tokenizer.model, or one line saying it is none (a text file, a truncated copy)."""
+    try:
+        return sentencepiece.SentencePieceProcessor(model_file=str(path))
+    except (OSError, RuntimeError) as e:
+        raise ValueError(f"{path}: not a sentencepiece model ({(str(e).splitlines() or [type(e).__name__])[0]})") from None
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -112,6 +124,9 @@ def meta_shard_paths(src: Path) -> list[Path]:
 def read_meta(src: Path):
     """Meta's release -> (args, the full tensors' shapes as meta tensors, fill: writes them)."""
     paths = meta_shard_paths(src)
+    if not (src / "params.json").is_file():
+        raise ValueError(f"{src}: no params.json beside the shards")
+    args = ModelArgs.from_params(src / "params.json")  # checked before any shard is read
     shards = [load_tensors(p) for p in paths]
     first = shards[0]
     for path, shard in zip(paths[1:], shards[1:]):
@@ -125,9 +140,6 @@ def read_meta(src: Path):
             if shard_dim(k) is None and not torch.equal(t, first[k]):  # norms: tiny to compare
                 raise ValueError(f"{path}: {k} differs from {paths[0].name}'s, but every shard of one "
                                  f"model holds the same copy: the shards come from different models")
-    if not (src / "params.json").is_file():
-        raise ValueError(f"{src}: no params.json beside the shards")
-    args = ModelArgs.from_params(src / "params.json")
     # Meta writes vocab_size -1 (the tokenizer decides) and no max_seq_len: LLaMA-1 was trained at
     # 2048 tokens, the default (LLaMA-2 at 4096: edit params.json to use more).
     vocab_size = vocab_rows(first, source=str(paths[0]))  # ParallelEmbedding splits dim 1, not the rows
@@ -208,7 +220,12 @@ def hf_weight_files(src: Path) -> list[Path]:
     for index, single in (("model.safetensors.index.json", "model.safetensors"),
                           ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         if (src / index).is_file():
-            files = sorted({src / f for f in read_json(src / index).get("weight_map", {}).values()})
+            weight_map = read_json(src / index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map or \
+                    not all(isinstance(f, str) and f for f in weight_map.values()):
+                raise ValueError(f"{src / index}: weight_map must be an object naming each tensor's file, "
+                                 f"not {json.dumps(weight_map)[:40]}")
+            files = sorted({src / f for f in weight_map.values()})
             missing = [f.name for f in files if not f.is_file()]
             if missing:
                 raise ValueError(f"{src}: {index} names {', '.join(missing)}, which is missing")
@@ -218,20 +235,41 @@ def hf_weight_files(src: Path) -> list[Path]:
     raise ValueError(f"{src}: config.json, but no model.safetensors, pytorch_model.bin or an index of shards")
 
 
-def args_from_hf(config: dict, vocab_size: int, path: Path) -> ModelArgs:
-    """HF's config.json -> ModelArgs."""
+def check_hf_config(config: dict, path: Path):
+    """Refuse an HF config.json that is not a LLaMA's, or whose sizes are not positive numbers
+    of the right kind, naming the key: model.py knows Meta's names, not HF's."""
     if config.get("model_type") != "llama":
         raise ValueError(f"{path}: model_type {config.get('model_type')!r}; only LLaMA ('llama') converts")
     if config.get("rope_scaling"):
         raise ValueError(f"{path}: rope_scaling is set, and model.py has plain RoPE only")
+    for key, kind in HF_CONFIG_TYPES.items():  # before ModelArgs meets a string or a fraction
+        value = config.get(key)
+        if value is None and key in ("num_key_value_heads", "rope_theta"):
+            continue  # optional: as many kv heads as query heads; RoPE's 10000
+        if key not in config:
+            raise ValueError(f"{path}: no {key!r}")
+        wrong = isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int)
+        if wrong or not value > 0 or (kind is float and not math.isfinite(value)):
+            raise ValueError(f"{path}: {key} must be a positive {'number' if kind is float else 'integer'}, "
+                             f"not {json.dumps(value)}")
+    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    if config["hidden_size"] % heads:
+        raise ValueError(f"{path}: num_attention_heads {heads} does not divide hidden_size {config['hidden_size']}")
+    if heads % kv_heads:
+        raise ValueError(f"{path}: num_key_value_heads {kv_heads} does not divide num_attention_heads {heads}")
+
+
+def args_from_hf(config: dict, vocab_size: int, path: Path) -> ModelArgs:
+    """HF's config.json -> ModelArgs."""
+    check_hf_config(config, path)
     try:
         args = ModelArgs(dim=config["hidden_size"], n_layers=config["num_hidden_layers"],
                          n_heads=config["num_attention_heads"], n_kv_heads=config.get("num_key_value_heads"),
                          vocab_size=vocab_size, norm_eps=config["rms_norm_eps"],
-                         rope_theta=config.get("rope_theta", 10000.0), max_seq_len=config["max_position_embeddings"])
-        hidden = config["intermediate_size"]
-    except KeyError as e:
-        raise ValueError(f"{path}: no {e.args[0]!r}") from None
+                         rope_theta=config.get("rope_theta") or 10000.0, max_seq_len=config["max_position_embeddings"])
+    except ValueError as e:  # what only the Meta names can say (an odd head dim, for RoPE)
+        raise ValueError(f"{path}: {e}") from None
+    hidden = config["intermediate_size"]
     # HF stores the feed-forward width; Meta derives it from multiple_of (256 for LLaMA-1 and most
     # of LLaMA-2) and ffn_dim_multiplier. When 256 does not give it, the width itself as
     # multiple_of, with a multiplier that brings Meta's unrounded width up to it, always does.
@@ -241,9 +279,14 @@ def args_from_hf(config: dict, vocab_size: int, path: Path) -> ModelArgs:
     return args
 
 
+HF_CONFIG_TYPES = dict(hidden_size=int, num_hidden_layers=int, num_attention_heads=int, num_key_value_heads=int,
+                       intermediate_size=int, max_position_embeddings=int, rms_norm_eps=float, rope_theta=float)
+
+
 def read_hf(src: Path):
     """An HF LLaMA directory -> (args, shapes under Meta's names as meta tensors, fill)."""
     config = read_json(src / "config.json")
+    check_hf_config(config, src / "config.json")  # before any weights file is read
     found = {}  # HF name -> (its file, a meta tensor: shape and dtype only)
     for path in hf_weight_files(src):
         found.update({name: (path, t.to("meta")) for name, t in load_tensors(path).items()})
@@ -326,6 +369,10 @@ def convert(src, dst, dtype: torch.dtype | None = None):
     if tokenizer is None:
         raise ValueError(f"{src}: no tokenizer.model (sentencepiece), which this project's tokenizer reads; "
                          f"copy it from Meta's release")
+    n = sentencepiece_model(tokenizer).get_piece_size()
+    if args.vocab_size not in (n, n + 1):  # train.py and sample.py would refuse the pair: say so now
+        raise ValueError(f"{tokenizer}: {n} pieces, but the weights have {args.vocab_size} embedding rows; "
+                         f"expected {n} (a base model) or {n + 1} (fine-tuned, with {EOT}): not this model's tokenizer")
     with torch.device("meta"):
         model = Transformer(args)
     check_state_dict(model, layout, source=str(src), config=config)
@@ -348,7 +395,7 @@ def hf_tokenizer(tokenizer: Path, vocab_size: int, max_seq_len: int) -> tuple[di
     becomes an added special token with that id. The model ends every answer with it and never learnt
     to write </s>, so EOT is its eos token, for the tools that stop at the tokenizer's or the config's.
     """
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer))
+    sp = sentencepiece_model(tokenizer)
     n = sp.get_piece_size()
     if vocab_size not in (n, n + 1):
         raise ValueError(f"{tokenizer}: {n} pieces, but the model has {vocab_size} embedding rows; "

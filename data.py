@@ -197,8 +197,14 @@ def load_dataset(path, tok: Tokenizer, max_len: int = 2048, train_on_prompt: boo
         examples.append(dict(tokens=tokens, targets=targets, n_trained=sum(t != IGNORE for t in targets),
                              n_dropped=n_full - len(tokens)))
     dataset = Dataset(str(path), max_len, conversations, examples)
+    if not any(e["n_trained"] for e in examples):  # the loss would be divided by zero tokens
+        raise DataError(f"{path}: every answer is trimmed away at --max_len {max_len} (the prompts fill it): "
+                        f"nothing to train on; raise --max_len")
     if verbose:
         print(dataset.report())
+        no_source = sum("source" not in c for c in conversations)
+        if no_source:  # LIMA's records name where they come from; the ablations select by it
+            print(f'{path}: {no_source} of {len(conversations)} conversations have no "source"')
     return dataset
 
 

@@ -93,6 +93,11 @@ class Stop(Exception):
 # ---- files ----
 
 def read_jsonl(path) -> list[dict]:
+    return [row for _, row in numbered_jsonl(path)]
+
+
+def numbered_jsonl(path) -> list[tuple[int, object]]:
+    """(line number, parsed value) of every non-blank line of a jsonl file."""
     path = Path(path)
     if not path.is_file():
         raise EvalError(f"{path}: no such file")
@@ -100,10 +105,64 @@ def read_jsonl(path) -> list[dict]:
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                rows.append((n, json.loads(line)))
             except json.JSONDecodeError as e:
                 raise EvalError(f"{path}:{n}: not JSON ({e.msg})") from None
     return rows
+
+
+def check_record(r, where: str, what: str, strings=(), numbers=(), choices=None) -> dict:
+    """A record of one of our files, checked: an object, with these keys holding strings or
+    numbers, and the keys of choices {key: allowed values} holding one of theirs."""
+    if not isinstance(r, dict):
+        raise EvalError(f"{where}: expected a JSON object ({what}), not {json.dumps(r)[:40]}")
+    for key in (*strings, *numbers, *(choices or {})):
+        if key not in r:
+            raise EvalError(f'{where}: no "{key}"; expected {what}')
+    for key in strings:
+        if not isinstance(r[key], str):
+            raise EvalError(f'{where}: "{key}" must be a string, not {json.dumps(r[key])[:40]}')
+    for key in numbers:
+        if not isinstance(r[key], (int, float)) or isinstance(r[key], bool) or not math.isfinite(r[key]):
+            raise EvalError(f'{where}: "{key}" must be a number, not {json.dumps(r[key])[:40]}')
+    for key, allowed in (choices or {}).items():
+        if r[key] not in allowed:
+            raise EvalError(f'{where}: "{key}" is {json.dumps(r[key])[:40]}; expected one of {", ".join(allowed)}')
+    return r
+
+
+def check_id(r: dict, where: str):
+    if not isinstance(r["id"], (str, int)) or isinstance(r["id"], bool):
+        raise EvalError(f'{where}: "id" must be a string or an integer, not {json.dumps(r["id"])[:40]}')
+
+
+def read_annotations(path) -> list[dict]:
+    """An annotation file's records, each checked: a pairwise judgement {id, ours, baseline,
+    annotator, ours_is, verdict, result} or a rating {id, system, annotator, rating}, as compare,
+    judge and rate write them; any other line is refused, naming it, rather than left uncounted."""
+    records = []
+    for n, r in numbered_jsonl(path):
+        where = f"{path}:{n}"
+        check_record(r, where, "a judgement or a rating")
+        if "baseline" in r:
+            check_record(r, where, "a judgement {id, ours, baseline, annotator, result}", strings=("baseline",),
+                         choices={"result": RESULTS})
+            optional = {"verdict": ("A", "B", "neither"), "ours_is": ("A", "B")}
+        elif "system" in r:
+            check_record(r, where, "a rating {id, system, annotator, rating}", strings=("system",),
+                         choices={"rating": RATINGS})
+            optional = {}
+        else:
+            raise EvalError(f'{where}: neither a judgement (with "baseline") nor a rating (with "system")')
+        if "id" not in r:
+            raise EvalError(f'{where}: no "id" (of the prompt judged)')
+        check_id(r, where)
+        for key in ("ours", "annotator"):
+            if key in r and not isinstance(r[key], str):
+                raise EvalError(f'{where}: "{key}" must be a string, not {json.dumps(r[key])[:40]}')
+        check_record(r, where, "an annotation", choices={k: v for k, v in optional.items() if k in r})
+        records.append(r)
+    return records
 
 
 def write_jsonl(path, rows):
@@ -114,10 +173,20 @@ def write_jsonl(path, rows):
 def load_answers(path) -> dict[str, dict]:
     """An answer file -> {id as a string: record}; ids are compared as text so 7 matches "7"."""
     answers = {}
-    for n, r in enumerate(read_jsonl(path), 1):
+    rows = numbered_jsonl(path)
+    if not rows:
+        raise EvalError(f"{path}: empty file, no answers; expected one {{id, prompt, answer}} a line")
+    for n, r in rows:
+        check_record(r, f"{path}:{n}", "an answer {id, prompt, answer}")
         missing = [k for k in ("id", "prompt", "answer") if k not in r]
         if missing:
             raise EvalError(f"{path}:{n}: no {', '.join(missing)}; expected {{id, prompt, answer}}")
+        check_record(r, f"{path}:{n}", "an answer {id, prompt, answer}", strings=("prompt", "answer"))
+        check_id(r, f"{path}:{n}")
+        history = r.get("history") or []
+        if not isinstance(history, list) or not all(isinstance(t, str) for t in history):
+            raise EvalError(f'{path}:{n}: "history" must be a list of strings (the earlier turns), '
+                            f'not {json.dumps(r["history"])[:40]}')
         if str(r["id"]) in answers:
             raise EvalError(f"{path}:{n}: id {r['id']} appears twice")
         answers[str(r["id"])] = r
@@ -161,7 +230,7 @@ def annotate(items: list[dict], out, annotator: str, group: dict, decide) -> int
     for the next run.
     """
     group = {**group, "annotator": annotator}
-    earlier = read_jsonl(out) if Path(out).is_file() else []
+    earlier = read_annotations(out) if Path(out).is_file() else []
     done = {str(r.get("id")) for r in earlier if all(r.get(k) == v for k, v in group.items())}
     todo = [item for item in items if str(item["id"]) not in done]
     print(f"{out}: {len(items) - len(todo)} of {len(items)} already done by {annotator}", file=sys.stderr)
@@ -396,7 +465,7 @@ def agreement(records1: list[dict], records2: list[dict]) -> tuple[float, int]:
 
 
 def tally_text(path) -> str:
-    records = read_jsonl(path)
+    records = read_annotations(path)
     annotators = ", ".join(sorted({str(r.get("annotator")) for r in records}))
     lines = [f"{path} ({annotators})"]
     pairwise, ratings = win_tie_loss(records), rating_tally(records)
@@ -422,7 +491,10 @@ def subset(data, out, source: str = "", n: int = 0, seed: int = 0) -> list[dict]
     time: filtered Stack Exchange against wikiHow (diversity), filtered against unfiltered Stack
     Exchange (quality), and growing samples of one source (quantity). Each is a subset here.
     """
-    rows = read_jsonl(data)
+    numbered = numbered_jsonl(data)
+    for line, r in numbered:
+        check_record(r, f"{data}:{line}", "a conversation {conversations, source}")
+    rows = [r for _, r in numbered]
     if source:
         counts = Counter(str(r.get("source")) for r in rows)
         rows = [r for r in rows if r.get("source") in source.split(",")]
@@ -455,6 +527,8 @@ def device_and_dtype(device: str, dtype: str):
     import torch
     from sample import DTYPES
     device = device if device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EvalError(f"--device {device}: no CUDA device is available here; use --device cpu")
     if dtype not in (*DTYPES, "auto"):
         raise EvalError(f"--dtype {dtype}: choose auto, {', '.join(DTYPES)}")
     return device, DTYPES[dtype] if dtype != "auto" else torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -504,10 +578,15 @@ def parse_epochs(text: str) -> list[int]:
     try:
         if "-" in text:
             first, last = map(int, text.split("-"))
-            return list(range(first, last + 1))
-        return [int(e) for e in text.split(",")]
+            epochs = list(range(first, last + 1))
+        else:
+            epochs = [int(e) for e in text.split(",")]
     except ValueError:
         raise EvalError(f"--epochs {text}: expected a range like 5-10 or a list like 5,7,9") from None
+    if not epochs or min(epochs) < 1 or len(set(epochs)) < len(epochs):
+        raise EvalError(f"--epochs {text}: expected a range like 5-10 (first <= last) or a list like 5,7,9 "
+                        f"of distinct epochs, counted from 1")
+    return epochs
 
 
 def write_answers(run, dev, epochs: list[int], batch_size=8, max_tokens=2048, seed=0, device="auto",
@@ -519,6 +598,7 @@ def write_answers(run, dev, epochs: list[int], batch_size=8, max_tokens=2048, se
     """
     import sample
     from sample import load_model
+    sample.read_prompts(dev)  # checked (not empty, ids unique) before any checkpoint is loaded
     device, dtype = device_and_dtype(device, dtype)
     found = epoch_checkpoints(run)
     missing = [e for e in epochs if e not in found]
@@ -619,7 +699,12 @@ def loss_curves(metrics_path) -> str:
     """Training loss per step and dev loss per epoch from train.py's metrics.jsonl, as a chart."""
     # A resumed run logs the steps after its checkpoint again: the last record of a step wins.
     train, dev = {}, {}
-    for r in read_jsonl(metrics_path):
+    for n, r in numbered_jsonl(metrics_path):
+        kind = next((k for k in ("loss", "dev_loss") if isinstance(r, dict) and k in r), None)
+        if kind is None:  # a step's record or an epoch's, as train.py writes them
+            check_record(r, f"{metrics_path}:{n}", "a train.py metrics record")
+            raise EvalError(f'{metrics_path}:{n}: neither "loss" nor "dev_loss"; not a train.py metrics record')
+        check_record(r, f"{metrics_path}:{n}", "a train.py metrics record", numbers=("step", "epoch", kind))
         if "loss" in r:
             train[r["step"]] = (r["epoch"], r["loss"])
         if "dev_loss" in r:
@@ -657,19 +742,21 @@ def report(run, pairwise=(), ratings=(), out=None) -> Path:
     if (run / "metrics.jsonl").is_file():
         parts += ["<h2>Loss curves</h2>", loss_curves(run / "metrics.jsonl")]
     if (run / "eval" / "dev_loss.jsonl").is_file():
-        rows = read_jsonl(run / "eval" / "dev_loss.jsonl")
+        rows = [check_record(r, f"{run / 'eval' / 'dev_loss.jsonl'}:{n}", "a row of eval.py loss",
+                             strings=("checkpoint",), numbers=("epoch", "step", "dev_loss", "perplexity", "tokens"))
+                for n, r in numbered_jsonl(run / "eval" / "dev_loss.jsonl")]
         parts += ["<h2>Dev loss per checkpoint</h2>",
                   table(["checkpoint", "epoch", "step", "dev loss", "perplexity", "tokens"],
                         [[r["checkpoint"], r["epoch"], r["step"], r["dev_loss"], r["perplexity"], r["tokens"]]
                          for r in rows])]
     for path in pairwise:
-        bars = [(b, t) for b, t in win_tie_loss(read_jsonl(path)).items()]
+        bars = [(b, t) for b, t in win_tie_loss(read_annotations(path)).items()]
         parts += [f"<h2>Pairwise preference: {html.escape(str(path))}</h2>",
                   svg_stacked_bars(bars, RESULTS, ("ours wins", "tie", "baseline wins")),
                   table(["baseline", "n", "ours wins %", "tie %", "baseline wins %"],
                         [[b, t["n"], t["win"], t["tie"], t["loss"]] for b, t in bars])]
     for path in ratings:
-        bars = list(rating_tally(read_jsonl(path)).items())
+        bars = list(rating_tally(read_annotations(path)).items())
         parts += [f"<h2>Absolute ratings: {html.escape(str(path))}</h2>", svg_stacked_bars(bars, RATINGS, RATINGS),
                   table(["system", "n"] + [f"{k} %" for k in RATINGS], [[s, t["n"]] + [t[k] for k in RATINGS]
                                                                        for s, t in bars])]
@@ -696,6 +783,27 @@ def fail(message: str):
     sys.exit(2)
 
 
+def at_least(low, kind=int):
+    """An argparse type: a number of this kind, at least low (for a float: greater than low)."""
+    def number(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"not {text!r}") from None
+        if not (math.isfinite(value) and (value >= low if kind is int else value > low)):
+            raise argparse.ArgumentTypeError(f"must be {'at least' if kind is int else 'greater than'} "
+                                             f"{low}, not {text!r}")
+        return value
+    return number
+
+
+def device_name(text: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N, not {text!r}")
+    return text
+
+
 def build_parser() -> Parser:
     p = Parser(description="LIMA's evaluation; see the commands at the top of eval.py")
     sub = p.add_subparsers(dest="command", required=True)
@@ -707,22 +815,23 @@ def build_parser() -> Parser:
         return c
 
     def model_options(c):
-        c.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")
-        c.add_argument("--dtype", default="auto", help="auto: bf16 on GPU, fp32 on CPU; or fp32, bf16, fp16")
+        c.add_argument("--device", type=device_name, default="auto", help="auto: cuda if available, else cpu")
+        c.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                       help="auto: bf16 on GPU, fp32 on CPU")
 
     def judge_options(c):
         c.add_argument("--judge_prompt", help="a file to use instead of the prompt at the top of eval.py")
-        c.add_argument("--retries", type=int, default=3, help="further tries for one prompt")
-        c.add_argument("--timeout", type=float, default=120, help="seconds per request")
-        c.add_argument("--max_requests", type=int, default=1000, help="requests in this run, at most")
+        c.add_argument("--retries", type=at_least(0), default=3, help="further tries for one prompt")
+        c.add_argument("--timeout", type=at_least(0, float), default=120, help="seconds per request")
+        c.add_argument("--max_requests", type=at_least(1), default=1000, help="requests in this run, at most")
 
     c = command("loss", "dev loss and perplexity of every epoch checkpoint", "run", "dev")
-    c.add_argument("--max_len", type=int, default=2048)
+    c.add_argument("--max_len", type=at_least(1), default=2048)
     model_options(c)
     c = command("answers", "answers to the dev prompts for chosen epochs", "run", "dev")
     c.add_argument("--epochs", default="5-10", help="a range like 5-10 or a list like 5,7,9")
-    c.add_argument("--batch_size", type=int, default=8)
-    c.add_argument("--max_tokens", type=int, default=2048, help="prompt + answer, in all (LIMA: 2048)")
+    c.add_argument("--batch_size", type=at_least(1), default=8)
+    c.add_argument("--max_tokens", type=at_least(1), default=2048, help="prompt + answer, in all (LIMA: 2048)")
     c.add_argument("--seed", type=int, default=0)
     model_options(c)
     c = command("report", "one self-contained HTML page of the run's results", "run")
@@ -744,19 +853,21 @@ def build_parser() -> Parser:
     c = command("rate", "Fail / Pass / Excellent per answer, by a person or (--url, --model) a judge",
                 "answers", "out")
     c.add_argument("--annotator", help="required for a person; default for a judge: --model")
-    c.add_argument("--sample", type=int, default=0, help="rate a seeded sample of this many (0: all)")
+    c.add_argument("--sample", type=at_least(0), default=0, help="rate a seeded sample of this many (0: all)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--url")
     c.add_argument("--model")
     judge_options(c)
     c = command("subset", "a training file for the ablations: by source and/or a seeded sample", "data", "out")
     c.add_argument("--subset_source", default="", help="keep these sources (comma-separated)")
-    c.add_argument("--subset_n", type=int, default=0, help="then keep this many, sampled (0: all)")
+    c.add_argument("--subset_n", type=at_least(0), default=0, help="then keep this many, sampled (0: all)")
     c.add_argument("--seed", type=int, default=0)
     return p
 
 
 def make_judge(a) -> Judge:
+    if not re.match(r"https?://[^/\s]", a.url):
+        raise EvalError(f"--url {a.url}: expected an http:// or https:// address (an OpenAI-compatible endpoint)")
     return Judge(a.url, a.model, os.environ.get("OPENAI_API_KEY"), a.timeout, a.retries, a.max_requests)
 
 
@@ -783,7 +894,7 @@ def run_command(a):
             raise EvalError("tally takes one annotation file, or two to measure their agreement")
         print("\n".join(tally_text(f) for f in a.files))
         if len(a.files) == 2:
-            score, n = agreement(read_jsonl(a.files[0]), read_jsonl(a.files[1]))
+            score, n = agreement(read_annotations(a.files[0]), read_annotations(a.files[1]))
             print(f"agreement (tie-discounted) on {n} shared judgements: "
                   + (f"{100 * score:.1f}%" if n else "none shared"))
     elif a.command == "rate":

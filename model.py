@@ -47,9 +47,28 @@ class ModelArgs:
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
-            raise ValueError(f"dim {self.dim}, n_heads {self.n_heads} and n_kv_heads "
-                             f"{self.n_kv_heads} must divide evenly")
+        for name in SIZE_ARGS:  # a size of zero or less builds no model (n_heads 0 divides by zero)
+            if not is_integer(getattr(self, name)) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, not {getattr(self, name)!r}")
+        if not is_integer(self.vocab_size) or not (self.vocab_size >= 1 or self.vocab_size == -1):
+            raise ValueError(f"vocab_size must be a positive integer or -1 (the tokenizer decides), "
+                             f"not {self.vocab_size!r}")
+        for name, low, high in NUMBER_ARGS:
+            value = getattr(self, name)
+            if value is None and name in OPTIONAL_ARGS:
+                continue
+            if not is_number(value) or not (value > low if high is None else low <= value <= high):
+                raise ValueError(f"{name} must be a number " + (f"greater than {low:g}" if high is None else
+                                 f"in [{low:g}, {high:g}]") + f", not {value!r}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"n_heads {self.n_heads} does not divide dim {self.dim}: every head has "
+                             f"dim / n_heads channels")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_kv_heads {self.n_kv_heads} does not divide n_heads {self.n_heads}: "
+                             f"each kv head serves the same number of query heads")
+        if self.head_dim % 2:
+            raise ValueError(f"the head dim, dim {self.dim} / n_heads {self.n_heads} = {self.head_dim}, "
+                             f"is odd: RoPE rotates pairs of channels")
 
     @property
     def head_dim(self) -> int:
@@ -75,20 +94,40 @@ class ModelArgs:
         """Read a Meta params.json (or ours, which adds max_seq_len, resid_dropout)."""
         try:
             params = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(params, dict):
+            raise ValueError(f"{path}: expected a JSON object of the model's parameters (dim, n_layers, "
+                             f"n_heads, ...), not {type(params).__name__} {str(params)[:40]}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(params) - known)
         if unknown:
             raise ValueError(f"{path}: unknown key(s) {', '.join(unknown)}; expected some of "
                              f"{', '.join(sorted(known))}")
-        for name, value in params.items():  # every field is a number (or None for the optional)
-            if not isinstance(value, (int, float)) and not (value is None and name in OPTIONAL_ARGS):
-                raise ValueError(f"{path}: {name} must be a number, not {value!r}")
-        return cls(**{**params, **overrides})
+        missing = [name for name in REQUIRED_ARGS if name not in params]
+        if missing:  # the defaults are LLaMA-7B's: a file without its shape is not a model's
+            raise ValueError(f"{path}: no {', '.join(missing)}; a params.json gives at least "
+                             f"{', '.join(REQUIRED_ARGS)}")
+        try:  # __post_init__ checks every value: its type, its range, the heads
+            return cls(**{**params, **overrides})
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
 
 OPTIONAL_ARGS = ("n_kv_heads", "ffn_dim_multiplier")  # may be null in a params.json
+REQUIRED_ARGS = ("dim", "n_layers", "n_heads")  # in every params.json Meta and convert.py write
+SIZE_ARGS = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_seq_len")  # positive integers
+NUMBER_ARGS = (("ffn_dim_multiplier", 0, None), ("norm_eps", 0, None), ("rope_theta", 0, None),
+               ("resid_dropout", 0, 1))  # (name, low, high): > low, or in [low, high]
+
+
+def is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON's true is not a size
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
 
 # Meta's released shapes. Counts at vocab 32,000 (checked in tests/test_model.py):
 # llama-7b 6,738,415,616   llama-13b 13,015,864,320   llama-33b 32,528,943,616

@@ -30,10 +30,12 @@ Every option, with its default:
 
 import functools
 import json
+import re
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Annotated, Literal
 
 import torch
 import torch.distributed as dist
@@ -41,7 +43,7 @@ from tqdm import tqdm
 
 import checkpoint
 import tp
-from cli import parse_config
+from cli import Range, parse_config
 from data import DataError, Tokenizer, load_conversations
 from model import Transformer, precompute_freqs_cis
 
@@ -49,15 +51,15 @@ from model import Transformer, precompute_freqs_cis
 @dataclass
 class Settings:
     # LIMA's decoding (section 4.1 of the paper); eval.py passes these to generate() too.
-    temperature: float = 0.7  # 0: greedy (always the likeliest token)
-    top_p: float = 0.9  # nucleus sampling: draw from the likeliest tokens holding this mass; 1: off
-    top_k: int = 0  # draw only from the k likeliest tokens; 0: off
-    repetition_penalty: float = 1.2  # Keskar et al. 2019; 1: off
+    temperature: Annotated[float, Range(ge=0)] = 0.7  # 0: greedy (always the likeliest token)
+    top_p: Annotated[float, Range(gt=0, le=1)] = 0.9  # nucleus sampling: draw from the likeliest tokens holding this mass; 1: off
+    top_k: Annotated[int, Range(ge=0)] = 0  # draw only from the k likeliest tokens; 0: off
+    repetition_penalty: Annotated[float, Range(gt=0)] = 1.2  # Keskar et al. 2019; 1: off
     # The paper penalises "previously generated tokens". Counting the prompt as well would
     # penalise the question's own words, which an answer must be free to repeat, and the EOT
     # that ends every user turn, which would push answers to run on.
     penalize_prompt: bool = False  # count the prompt's tokens as seen too
-    max_tokens: int = 2048  # prompt + answer, in all (and never more than the model's max_seq_len)
+    max_tokens: Annotated[int, Range(ge=1)] = 2048  # prompt + answer, in all (and never more than the model's max_seq_len)
     seed: int = 0  # generate() seeds torch with it (plus the batch or turn): same seed, prompts and batches, same answers
     compile: bool = False  # torch.compile the decode step (CUDA graphs on GPU; first call is slow)
 
@@ -69,9 +71,9 @@ class Config(Settings):
     chat: bool = False  # a multi-turn conversation in the terminal
     prompts: str = ""  # answer every prompt of this file (.jsonl as LIMA's, or one per line)...
     out: str = ""  # ...appending {id, prompt, history, answer, stop} lines to this jsonl file
-    batch_size: int = 8  # prompts decoded together with --prompts
-    device: str = "auto"  # auto: cuda if available, else cpu
-    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU; or fp32, bf16, fp16
+    batch_size: Annotated[int, Range(ge=1)] = 8  # prompts decoded together with --prompts
+    device: str = "auto"  # auto: cuda if available, else cpu; or cpu, cuda, cuda:N
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -394,12 +396,22 @@ def read_prompts(path) -> list[dict]:
         raise FileNotFoundError(f"{path}: no such prompts file")
     if path.suffix != ".jsonl":
         lines = [line for line in path.read_text().splitlines() if line.strip()]
+        if not lines:
+            raise DataError(f"{path}: empty file, no prompts (one a line)")
         return [dict(id=n, prompt=line, history=[]) for n, line in enumerate(lines, 1)]
-    items = []
-    for n, record in enumerate(load_conversations(path, require_answer=False), 1):
+    items, seen = [], {}
+    line_numbers = [n for n, line in enumerate(path.read_bytes().split(b"\n"), 1) if line.strip()]  # as read
+    for n, (record, line) in enumerate(zip(load_conversations(path, require_answer=False), line_numbers), 1):
         turns = record["conversations"]
         turns = turns if len(turns) % 2 else turns[:-1]
-        items.append(dict(id=record.get("id", n), prompt=turns[-1], history=turns[:-1]))
+        item_id = record.get("id", n)
+        if not isinstance(item_id, (str, int)) or isinstance(item_id, bool):
+            raise DataError(f'{path}:{line}: "id" must be a string or an integer, not {item_id!r}')
+        if str(item_id) in seen:  # answers are matched, and a run resumed, by id
+            raise DataError(f"{path}:{line}: id {item_id} again (first on line {seen[str(item_id)]}); "
+                            f"every prompt needs an id of its own")
+        seen[str(item_id)] = line
+        items.append(dict(id=item_id, prompt=turns[-1], history=turns[:-1]))
     return items
 
 
@@ -457,16 +469,33 @@ def interrupted_note(note: str):
 
 # ---- command line ----
 
+def check_modes(cfg: Config):
+    """Exactly one of --prompt, --chat, --prompts (with its --out, and its prompts readable), and
+    a --device torch can name: refused before minutes of loading, none silently ignored."""
+    modes = [f"--{name}" for name in ("prompt", "chat", "prompts") if getattr(cfg, name)]
+    if not modes:
+        raise ValueError("nothing to do: give --prompt TEXT, --chat, or --prompts FILE --out FILE")
+    if len(modes) > 1:
+        raise ValueError(f"{' and '.join(modes)} are given: choose one")
+    if cfg.out and not cfg.prompts:
+        raise ValueError(f"--out {cfg.out} is where --prompts writes its answers: give --prompts FILE too")
+    if cfg.prompts:
+        if not cfg.out:
+            raise ValueError("--prompts needs --out FILE.jsonl for the answers")
+        read_prompts(cfg.prompts)
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, not {cfg.device!r}")
+
+
 def main(argv: list[str]):
     try:
         cfg, _ = parse_config(Config, argv)
         if not cfg.checkpoint:
             raise ValueError("--checkpoint DIR is required (see --help)")
-        if not (cfg.prompt or cfg.chat or cfg.prompts):
-            raise ValueError("nothing to do: give --prompt TEXT, --chat, or --prompts FILE --out FILE")
+        check_modes(cfg)  # before anything is loaded
         device = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-        if cfg.dtype not in (*DTYPES, "auto"):
-            raise ValueError(f"--dtype {cfg.dtype}: choose auto, {', '.join(DTYPES)}")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {cfg.device}: no CUDA device is available here; use --device cpu")
         auto_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else auto_dtype
         rank, world_size, device = tp.init_distributed(device)

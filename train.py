@@ -28,6 +28,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
+from typing import Annotated, Literal
 
 import torch
 import torch.distributed as dist
@@ -41,7 +42,7 @@ from tqdm import tqdm
 
 import checkpoint
 import memory
-from cli import parse_config
+from cli import Range, check_fields, parse_config
 from data import IGNORE, Batches, DataError, Tokenizer, collate, load_dataset, plan_batch
 from model import (CONFIGS, ModelArgs, Transformer, check_state_dict, extend_vocab, load_weights_file,
                    vocab_rows)
@@ -53,41 +54,41 @@ class TrainConfig:
     # What to train. --init is a directory written by convert.py; without it, a preset
     # starts from random weights (the CPU demo: see DEMO below).
     init: str = ""
-    preset: str = "tiny"
+    preset: Literal[*CONFIGS] = "tiny"
     tokenizer: str = "data/tokenizer.model"  # used without --init; a converted dir carries its own
     data: str = "data/demo/train.jsonl"
     dev: str = "data/demo/dev.jsonl"  # dev loss after every epoch; "" to skip
     out: str = "out/demo"
     # LIMA's recipe (section 2 of the paper).
-    epochs: int = 15
-    global_batch: int = 0  # examples per optimizer step over all ranks; 0: 32 for 65B, 64 smaller
-    lr: float = 1e-5
-    final_lr: float = 1e-6  # linear decay from lr to final_lr over the whole run, no warmup
-    beta1: float = 0.9
-    beta2: float = 0.95
-    weight_decay: float = 0.1
-    resid_dropout: float = -1.0  # top layer's residual dropout; -1: 0.3 for 65B, 0.2 smaller
-    max_len: int = 2048  # longer conversations are trimmed (counted and reported)
+    epochs: Annotated[int, Range(ge=1)] = 15
+    global_batch: Annotated[int, Range(ge=0)] = 0  # examples per optimizer step over all ranks; 0: 32 for 65B, 64 smaller
+    lr: Annotated[float, Range(gt=0)] = 1e-5
+    final_lr: Annotated[float, Range(gt=0)] = 1e-6  # linear decay from lr to final_lr over the whole run, no warmup
+    beta1: Annotated[float, Range(ge=0, lt=1)] = 0.9
+    beta2: Annotated[float, Range(ge=0, lt=1)] = 0.95
+    weight_decay: Annotated[float, Range(ge=0)] = 0.1
+    resid_dropout: Annotated[float, Range(ge=0, lt=1, also=(-1,))] = -1.0  # top layer's residual dropout; -1: 0.3 for 65B, 0.2 smaller
+    max_len: Annotated[int, Range(ge=1)] = 2048  # longer conversations are trimmed (counted and reported)
     train_on_prompt: bool = False  # LIMA trains on the responses only
-    grad_clip: float = 0.0  # max global grad norm; 0: off (LIMA does not mention clipping)
-    seed: int = 0
+    grad_clip: Annotated[float, Range(ge=0)] = 0.0  # max global grad norm; 0: off (LIMA does not mention clipping)
+    seed: Annotated[int, Range(ge=0)] = 0
     # How to run it.
-    max_tokens: int = 0  # tokens in one packed row (a micro-step) per rank; 0: 4096, or a rank's whole share with --step_in_backward
-    dtype: str = "auto"  # compute dtype: auto is bf16 on GPU, fp32 on CPU
-    weights: str = "auto"  # fp32 (fp32 AdamW), bf16_kahan or bf16_sr (optim.py); auto: the most precise that fits
-    step_in_backward: str = "auto"  # true: step each parameter as its gradient arrives (no whole-model gradients); auto: if needed to fit
-    ac: str = "full"  # activation checkpointing per block: full, selective or none
+    max_tokens: Annotated[int, Range(ge=0)] = 0  # tokens in one packed row (a micro-step) per rank; 0: 4096, or a rank's whole share with --step_in_backward
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # compute dtype: auto is bf16 on GPU, fp32 on CPU
+    weights: Literal["auto", *memory.WEIGHTS] = "auto"  # fp32 (fp32 AdamW), bf16_kahan or bf16_sr (optim.py); auto: the most precise that fits
+    step_in_backward: Literal["auto", "true", "false"] = "auto"  # true: step each parameter as its gradient arrives (no whole-model gradients); auto: if needed to fit
+    ac: Literal["full", "selective", "none"] = "full"  # activation checkpointing per block: full, selective or none
     offload: bool = False  # FSDP CPU offload of parameters, gradients and optimizer state
     compile: bool = False  # torch.compile each block
     # Checkpoints: one after every epoch, all kept.
-    save_every: int = 0  # also every this many steps (0: epochs only)
-    keep_optim: int = 1  # AdamW state kept in the newest this many checkpoints (0: none)
+    save_every: Annotated[int, Range(ge=0)] = 0  # also every this many steps (0: epochs only)
+    keep_optim: Annotated[int, Range(ge=0)] = 1  # AdamW state kept in the newest this many checkpoints (0: none)
     resume: str = ""  # "auto" (newest complete in --out, or start fresh) or a checkpoint dir
-    stop_after: int = 0  # save and exit once this many steps are done (a time-limited job); 0: off
+    stop_after: Annotated[int, Range(ge=0)] = 0  # save and exit once this many steps are done (a time-limited job); 0: off
     plan: bool = False  # print the memory plan (memory.py) for this model and options, and exit
     memory_check: bool = True  # refuse to start a run the plan says will not fit (GPU memory, or host RAM on a CPU run)
-    world_size: int = 8  # GPUs to plan for (--plan)
-    gpu_gb: float = 80.0  # memory of each planned GPU (--plan)
+    world_size: Annotated[int, Range(ge=1)] = 8  # GPUs to plan for (--plan)
+    gpu_gb: Annotated[float, Range(gt=0)] = 80.0  # memory of each planned GPU (--plan)
 
 
 # `python train.py` with no --init trains a tiny model from scratch, where LIMA's fine-tuning
@@ -286,10 +287,21 @@ def model_args(cfg: TrainConfig, tokenizer: Tokenizer) -> ModelArgs:
     """The model's shape (from --init's params.json or --preset), vocabulary including EOT."""
     if cfg.init:
         args = ModelArgs.from_params(Path(cfg.init) / "params.json", vocab_size=tokenizer.vocab_size)
+        check_init_vocab(Path(cfg.init), tokenizer)
     else:
         args = ModelArgs.from_name(cfg.preset, vocab_size=tokenizer.vocab_size)
     args.max_seq_len = max(args.max_seq_len, cfg.max_len)
     return args
+
+
+def check_init_vocab(init: Path, tokenizer: Tokenizer):
+    """--init's embedding rows must be the tokenizer's pieces (a base model, which gets LIMA's EOT
+    row) or pieces + EOT (a model fine-tuned here before): any other count is another tokenizer's."""
+    rows = vocab_rows(load_weights_file(init / "model.pth"), source=str(init / "model.pth"))  # mmap: reads no weights
+    if rows not in (tokenizer.n_base, tokenizer.vocab_size):
+        raise ValueError(f"{init / 'model.pth'} has {rows} embedding rows but {init / 'tokenizer.model'} has "
+                         f"{tokenizer.n_base} pieces: expected {tokenizer.n_base} (a base model) or "
+                         f"{tokenizer.vocab_size} (with LIMA's EOT); the weights and the tokenizer do not belong together")
 
 
 def resolve_size_defaults(cfg: TrainConfig, args: ModelArgs) -> TrainConfig:
@@ -426,6 +438,18 @@ class StepInBackward:
         return norm
 
 
+def check_every_step_trains(batches: Batches, train_set, cfg: TrainConfig):
+    """Refuse a run with a step whose every conversation lost its answers to trimming: its loss
+    would be divided by zero trained tokens. Cheap: one shuffle per epoch, no tokens touched."""
+    trained = [e["n_trained"] for e in train_set.examples]
+    for epoch in range(cfg.epochs):
+        for step in range(batches.steps_per_epoch):
+            if not any(trained[i] for i in batches.global_batch_indices(epoch, step)):
+                raise DataError(f"{train_set.path}: step {epoch * batches.steps_per_epoch + step + 1} draws only "
+                                f"conversations with no answer token left after trimming to --max_len "
+                                f"{cfg.max_len}: raise --max_len or --global_batch, or drop those conversations")
+
+
 def check_one_row(batches: Batches, start: int, total_steps: int):
     """--step_in_backward: every step left must give each rank a single row; else refuse now."""
     for step in range(start, total_steps):
@@ -471,11 +495,10 @@ def train(cfg: TrainConfig):
                          f"or choose another --out (nothing was overwritten)")
     tokenizer_path = Path(cfg.init) / "tokenizer.model" if cfg.init else Path(cfg.tokenizer)
     tokenizer = Tokenizer(tokenizer_path)
+    args = model_args(cfg, tokenizer)  # --init's params.json and vocabulary: checked before the data is read
+    cfg = resolve_size_defaults(cfg, args)
     train_set = load_dataset(cfg.data, tokenizer, cfg.max_len, cfg.train_on_prompt, verbose=rank == 0)
     dev_set = load_dataset(cfg.dev, tokenizer, cfg.max_len, cfg.train_on_prompt, verbose=rank == 0) if cfg.dev else None
-
-    args = model_args(cfg, tokenizer)
-    cfg = resolve_size_defaults(cfg, args)
     found = (checkpoint.list_checkpoints(out) if cfg.resume == "auto" else [Path(cfg.resume)]) if cfg.resume else []
     if cfg.resume == "auto" and rank == 0:
         for why in checkpoint.damaged(out):  # a damaged one is never picked, and said so
@@ -484,12 +507,13 @@ def train(cfg: TrainConfig):
     if found:
         checkpoint.check_same_shape(found[-1], args)  # before minutes of loading
     cfg = choose_memory(cfg, args, world_size, device, saved, verbose=rank == 0)
+    batches = Batches([len(e["tokens"]) for e in train_set.examples], cfg.global_batch, world_size,
+                      cfg.max_tokens, cfg.seed)
+    check_every_step_trains(batches, train_set, cfg)  # before the model is built
     model = build_model(cfg, args, device)
     torch.manual_seed(cfg.seed + rank)  # dropout masks: reproducible, and different on every rank
     n_params = model.num_params()
     optimizer = build_optimizer(model, cfg, rank)
-    batches = Batches([len(e["tokens"]) for e in train_set.examples], cfg.global_batch, world_size,
-                      cfg.max_tokens, cfg.seed)
     total_steps = cfg.epochs * batches.steps_per_epoch
 
     step = 0  # optimizer steps taken so far, over all epochs
@@ -646,14 +670,12 @@ def device_stats(device, flops_per_s: float) -> dict:
 # ---- command line ----
 
 CUDA_RESERVE_GB = 2.0  # GPU memory outside the plan: CUDA context, NCCL buffers, fragmentation (not measured)
-CHOICES = dict(weights=("auto",) + memory.WEIGHTS, step_in_backward=("auto", "true", "false"),
-               dtype=("auto", "bf16", "fp32"), ac=("full", "selective", "none"))
 
 
 def check_choices(cfg: TrainConfig):
-    for name, allowed in CHOICES.items():
-        if getattr(cfg, name) not in allowed:
-            raise ValueError(f"--{name} must be one of {', '.join(allowed)}, not {getattr(cfg, name)!r}")
+    """Every option among its choices and in its range (the annotations of TrainConfig, checked by
+    cli.check_fields, as parse_config does), and the combinations that cannot run."""
+    check_fields(cfg)
     if cfg.step_in_backward == "true" and cfg.grad_clip > 0:
         raise ValueError("--step_in_backward true steps each parameter before the other gradients exist, "
                          "so it cannot clip by the global norm: drop --grad_clip or use --step_in_backward false")
@@ -732,10 +754,14 @@ def print_plan(cfg: TrainConfig):
 def main(argv):
     try:
         cfg, given = parse_config(TrainConfig, argv)
+        if cfg.init and (ignored := [name for name in ("preset", "tokenizer") if name in given]):
+            raise ValueError(f"--{ignored[0]} is for a model from random weights: --init {cfg.init} "
+                             f"brings its own shape (params.json) and tokenizer.model")
         if cfg.plan:
             return print_plan(cfg)
         if not cfg.init:  # the demo: a from-scratch model needs a from-scratch learning rate
             cfg = TrainConfig(**{**asdict(cfg), **{k: v for k, v in DEMO.items() if k not in given}})
+        check_choices(cfg)  # before anything is loaded
         train(cfg)
         shutdown_distributed()
     except (DataError, FileNotFoundError, ValueError, FloatingPointError) as e:

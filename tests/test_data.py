@@ -110,7 +110,7 @@ def test_trimming_at_the_limit(tok):
 def test_trimming_is_reported(tok, tmp_path, capsys):
     path = tmp_path / "long.jsonl"
     rows = [["Short?", "Yes."], ["Tell me a long story. " * 20, "Once upon a time. " * 40], ["Hi " * 80, "Hello."]]
-    path.write_text("".join(json.dumps({"conversations": r}) + "\n" for r in rows))
+    path.write_text("".join(json.dumps({"conversations": r, "source": "test"}) + "\n" for r in rows))
     ds = load_dataset(path, tok, max_len=40, verbose=True)
     dropped = sum(len(expected_pair(tok, r)[0]) - 40 for r in rows[1:])
     assert capsys.readouterr().out.strip() == (f"{path}: trimmed 2 of 3 conversations to 40 tokens "
