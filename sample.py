@@ -16,8 +16,10 @@ The same on a GPU, in bf16, with the decode step compiled (the first answer wait
     python sample.py --checkpoint out/lima-e7 --prompt "Write a haiku about the sea." --compile
 A conversation: /reset starts a new one, /quit (or Ctrl-D) ends it:
     python sample.py --checkpoint out/lima-e7 --chat
-Every prompt of a file (LIMA's test.jsonl layout, or .txt with one prompt per line), in batches,
-resumable (prompts already answered in --out are skipped):
+Every prompt of a file (LIMA's test.jsonl layout, or .txt with one prompt per line), --batch_size rows
+decoded together, each taking the next prompt as soon as its answer ends (continuous batching);
+each answer is written when done, and is the same whatever the batch (its draws are keyed by the
+prompt's id); resumable (prompts already answered in --out are skipped):
     python sample.py --checkpoint out/lima-e7 --prompts lima/test.jsonl --out answers.jsonl
 LLaMA-65B does not fit one GPU: split every block over 8 (tensor parallelism, see tp.py):
     torchrun --nproc_per_node 8 sample.py --checkpoint ckpt/lima-65b \\
@@ -210,7 +212,7 @@ def token_limit(model: Transformer, s: Settings) -> int:
 
 @torch.no_grad()
 def decode(model: Transformer, prompts: list[list[int]], s: Settings, eot_id: int, slots: int | None = None,
-           keys: list | None = None, on_token=None):
+           keys: list | None = None, on_token=None, limits: list[int] | None = None):
     """Answer tokenized prompts, yielding (index, answer) as each finishes: continuous batching.
 
     `slots` rows of the KV cache decode together (default: every prompt at once). When a row
@@ -218,7 +220,8 @@ def decode(model: Transformer, prompts: list[list[int]], s: Settings, eot_id: in
     no row waits for the longest answer of a batch. Each row sits at its own position, and a step
     reads only the filled part of the cache. An answer depends only on its prompt, s and its key
     (keys[i], default i: the sampling stream is a function of (s.seed, key, step)), never on the
-    other prompts or on slots. on_token, if given, is called with each step's tokens (B,), for
+    other prompts or on slots. limits[i], if given, caps answer i's tokens below what s.max_tokens
+    leaves it. on_token, if given, is called with each step's tokens (B,), for
     streaming one prompt (with tensor parallelism give one on every rank or on none: it sets how
     often they look for finished rows). Raises ValueError if a prompt leaves no room for an answer.
     """
@@ -261,7 +264,8 @@ def decode(model: Transformer, prompts: list[list[int]], s: Settings, eot_id: in
             seen[b, p[0]] = True
         row_keys[b] = keys[i]
         first = tp.agree(next_token(logits, seen[b:b + 1], s, uniforms(row_keys[b:b + 1], torch.zeros_like(written[:1]))))
-        token[b], positions[b], written[b], budget[b] = first[0], n, 1, total - n
+        token[b], positions[b], written[b] = first[0], n, 1
+        budget[b] = min(total - n, limits[i]) if limits else total - n
         answer[b, 0] = first[0]
         seen[b, first[0]] = True
         done[b] = (first[0] == eot_id) | (budget[b] <= 1)
@@ -302,10 +306,10 @@ def decode(model: Transformer, prompts: list[list[int]], s: Settings, eot_id: in
 
 
 def generate(model: Transformer, prompts: list[list[int]], s: Settings, eot_id: int, slots: int | None = None,
-             keys: list | None = None, on_token=None) -> list[list[int]]:
-    """decode()'s answers, in the prompts' order: each ends with EOT or stops at s.max_tokens in all."""
+             keys: list | None = None, on_token=None, limits: list[int] | None = None) -> list[list[int]]:
+    """decode()'s answers, in the prompts' order: each ends with EOT or stops at its limit."""
     answers = [None] * len(prompts)
-    for i, ids in decode(model, prompts, s, eot_id, slots, keys, on_token):
+    for i, ids in decode(model, prompts, s, eot_id, slots, keys, on_token, limits):
         answers[i] = ids
     return answers
 

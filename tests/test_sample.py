@@ -234,6 +234,11 @@ def test_continuous_batching_answers_each_prompt_as_if_alone(tok):
     finished = list(decode(model, prompts, GREEDY, stop, slots=2))
     assert sorted(i for i, _ in finished) == [0, 1, 2, 3] and [i for i, _ in finished] != [0, 1, 2, 3]
     assert all(ids == alone[i] for i, ids in finished)
+    # and with a limit of its own per answer
+    limits = [7, 30, 3, 12]
+    alone = [generate(model, [p], GREEDY, stop, limits=[n])[0] for p, n in zip(prompts, limits)]
+    assert [len(a) for a in alone] != [len(a) for a in generate(model, prompts, GREEDY, stop)]  # they bite
+    assert generate(model, prompts, GREEDY, stop, slots=2, limits=limits) == alone
 
 
 def test_sampled_answers_depend_only_on_the_seed_and_the_prompts_id(tok):
