@@ -204,11 +204,25 @@ class KVCache(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (B, Hkv, T, hd) at slots input_pos (T,); return the whole cache."""
-        self.k_cache[:, :, input_pos] = k
-        self.v_cache[:, :, input_pos] = v
-        return self.k_cache, self.v_cache  # (B, Hkv, S, hd) each
+    def update(self, at: "CacheSlots", k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, Hkv, T, hd) of the cache rows at.rows at their positions at.positions
+        (B, T); return those rows' first at.length slots, (B, Hkv, length, hd) each."""
+        rows = at.rows if at.rows is not None else torch.arange(k.size(0), device=k.device)
+        self.k_cache[rows[:, None], :, at.positions] = k.transpose(1, 2)  # indexed: (B, T, Hkv, hd)
+        self.v_cache[rows[:, None], :, at.positions] = v.transpose(1, 2)
+        if at.rows is None:  # every row, in order: a view, nothing copied
+            return self.k_cache[:, :, :at.length], self.v_cache[:, :, :at.length]
+        return self.k_cache[at.rows, :, :at.length], self.v_cache[at.rows, :, :at.length]
+
+
+@dataclass
+class CacheSlots:
+    """Where a forward_cached call reads and writes the KV cache: rows (B,) of the cache (None:
+    all of them, in order), each token's position (B, T), and how many leading slots attention
+    reads (the filled part: every row's positions are below it)."""
+    rows: torch.Tensor | None
+    positions: torch.Tensor
+    length: int
 
 
 class Attention(nn.Module):
@@ -221,7 +235,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.kv_cache: KVCache | None = None  # set by Transformer.setup_cache, for generation only
 
-    def forward(self, x, freqs_cis, mask=None, input_pos=None, doc_lens=None):
+    def forward(self, x, freqs_cis, mask=None, at=None, doc_lens=None):
         """x (B, T, D) -> (B, T, D). Causal attention over x itself unless given a mask (the KV
         cache's) or doc_lens (a packed row of conversations: causal within each one)."""
         B, T, _ = x.shape
@@ -232,8 +246,8 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, hd)
         q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or Hkv, T, hd)
-        if self.kv_cache is not None and input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, Hkv, S, hd)
+        if self.kv_cache is not None and at is not None:
+            k, v = self.kv_cache.update(at, k, v)  # (B, Hkv, length, hd)
         # Grouped-query attention: each kv head serves H/Hkv query heads. SDPA does the
         # grouping itself (enable_gqa) instead of materialising repeated keys and values.
         if doc_lens is not None and len(doc_lens) > 1:
@@ -289,8 +303,8 @@ class TransformerBlock(nn.Module):
         # is the identity in eval mode, so generation is deterministic.
         self.resid_dropout = nn.Dropout(resid_dropout_rate(layer_id, args.n_layers, args.resid_dropout))
 
-    def forward(self, x, freqs_cis, mask=None, input_pos=None, doc_lens=None):
-        h = x + self.resid_dropout(self.attention(self.attention_norm(x), freqs_cis, mask, input_pos, doc_lens))
+    def forward(self, x, freqs_cis, mask=None, at=None, doc_lens=None):
+        h = x + self.resid_dropout(self.attention(self.attention_norm(x), freqs_cis, mask, at, doc_lens))
         return h + self.resid_dropout(self.feed_forward(self.ffn_norm(h)))
 
     def init_weights(self, out_std: float):
@@ -347,27 +361,21 @@ class Transformer(nn.Module):
             layer.attention.kv_cache = KVCache(batch_size, n_kv_heads, max_seq_len, self.args.head_dim,
                                                dtype or w.dtype, device or w.device)
 
-    def forward_cached(self, tokens: torch.Tensor, input_pos: torch.Tensor,
-                       start: torch.Tensor | None = None) -> torch.Tensor:
-        """Decoding: tokens (B, T) written at cache slots input_pos (T,) -> logits (B, T, V).
+    def forward_cached(self, tokens: torch.Tensor, at: CacheSlots) -> torch.Tensor:
+        """Decoding: tokens (B, T) of cache rows at.rows at positions at.positions -> logits (B, T, V).
 
-        Rows of a batch may be left-padded: row b's text begins at slot start[b] (B,), and the
-        slots before it are masked out. RoPE only sees position differences, so a row's offset
-        changes nothing in its attention scores.
+        Every row of the cache is a conversation of its own at its own position (continuous
+        batching: a row that finishes takes the next prompt while the others go on). A token
+        attends to its row's slots up to its own position, and only the first at.length slots
+        are read at all: a step pays for the filled part of the cache, not for all of it. Slots
+        past a row's position (a longer conversation that held the row before) are masked out.
         """
-        S = self.layers[0].attention.kv_cache.k_cache.size(2)
-        slots = torch.arange(S, device=tokens.device)
-        mask = slots[None, :] <= input_pos[:, None]  # (T, S): causal over the cache
-        if start is not None:
-            mask = mask[None] & (slots[None, None, :] >= start[:, None, None])  # (B, T, S)
-            # A padding slot may see only itself: a query that sees nothing would give NaN,
-            # and a NaN value in the cache poisons every later query, even through a zero weight.
-            mask = mask | (slots[None, :] == input_pos[:, None])
-        mask = mask.view(-1, 1, *mask.shape[-2:])  # (B or 1, 1, T, S), broadcast over heads
-        freqs_cis = self.freqs_cis[input_pos]  # (T, hd/2, 2)
+        slots = torch.arange(at.length, device=tokens.device)
+        mask = slots[None, None, :] <= at.positions[:, :, None]  # (B, T, length): causal, per row
+        freqs_cis = self.freqs_cis[at.positions]  # (B, T, hd/2, 2)
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
-            h = layer(h, freqs_cis, mask, input_pos)
+            h = layer(h, freqs_cis, mask[:, None], at)  # mask (B, 1, T, length): over heads
         return self.output(self.norm(h))
 
     # ---- initialisation, loading, vocabulary ----

@@ -16,8 +16,10 @@ The same on a GPU, in bf16, with the decode step compiled (the first answer wait
     python sample.py --checkpoint out/lima-e7 --prompt "Write a haiku about the sea." --compile
 A conversation: /reset starts a new one, /quit (or Ctrl-D) ends it:
     python sample.py --checkpoint out/lima-e7 --chat
-Every prompt of a file (LIMA's test.jsonl layout, or .txt with one prompt per line), in batches,
-resumable (prompts already answered in --out are skipped):
+Every prompt of a file (LIMA's test.jsonl layout, or .txt with one prompt per line), --batch_size rows
+decoded together, each taking the next prompt as soon as its answer ends (continuous batching);
+each answer is written when done, and is the same whatever the batch (its draws are keyed by the
+prompt's id); resumable (prompts already answered in --out are skipped):
     python sample.py --checkpoint out/lima-e7 --prompts lima/test.jsonl --out answers.jsonl
 LLaMA-65B does not fit one GPU: split every block over 8 (tensor parallelism, see tp.py):
     torchrun --nproc_per_node 8 sample.py --checkpoint ckpt/lima-65b \\
@@ -32,6 +34,7 @@ import functools
 import json
 import re
 import sys
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -45,7 +48,7 @@ import checkpoint
 import tp
 from cli import Range, parse_config
 from data import DataError, Tokenizer, load_conversations
-from model import Transformer, precompute_freqs_cis
+from model import CacheSlots, Transformer
 
 
 @dataclass
@@ -60,7 +63,7 @@ class Settings:
     # that ends every user turn, which would push answers to run on.
     penalize_prompt: bool = False  # count the prompt's tokens as seen too
     max_tokens: Annotated[int, Range(ge=1)] = 2048  # prompt + answer, in all (and never more than the model's max_seq_len)
-    seed: int = 0  # generate() seeds torch with it (plus the batch or turn): same seed, prompts and batches, same answers
+    seed: int = 0  # with the prompt's id, it keys each answer's draws: the same answer whatever the batch
     compile: bool = False  # torch.compile the decode step (CUDA graphs on GPU; first call is slow)
 
 
@@ -71,7 +74,7 @@ class Config(Settings):
     chat: bool = False  # a multi-turn conversation in the terminal
     prompts: str = ""  # answer every prompt of this file (.jsonl as LIMA's, or one per line)...
     out: str = ""  # ...appending {id, prompt, history, answer, stop} lines to this jsonl file
-    batch_size: Annotated[int, Range(ge=1)] = 8  # prompts decoded together with --prompts
+    batch_size: Annotated[int, Range(ge=1)] = 8  # rows decoded together with --prompts (continuous batching)
     device: str = "auto"  # auto: cuda if available, else cpu; or cpu, cuda, cuda:N
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
 
@@ -117,21 +120,37 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(probs < cutoff, float("-inf"))
 
 
-def sample_from(probs: torch.Tensor) -> torch.Tensor:
-    """One draw per row of probs (B, V) -> (B,), without a device sync.
+def sample_from(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One draw per row of probs (B, V) -> (B,), given a uniform u (B, 1) in [0, 1) per row.
 
-    Inverse transform: the first token whose cumulative probability exceeds u ~ U(0, total).
-    One uniform per row instead of an exponential per token (gpt-fast's race of exponential
-    clocks), which on the CPU cost a tenth of a decode step; torch.multinomial would wait for
-    the GPU. A token of probability 0 never exceeds its predecessor's cumulative sum, so a
-    token outside the nucleus is never drawn; u < total, as rand() < 1 and total is about 1.
+    Inverse transform: the first token whose cumulative probability exceeds u * total. One
+    uniform per row instead of an exponential per token (gpt-fast's race of exponential clocks),
+    which on the CPU cost a tenth of a decode step, and no device sync (torch.multinomial would
+    wait for the GPU). A token of probability 0 never exceeds its predecessor's cumulative sum,
+    so a token outside the nucleus is never drawn.
     """
     cdf = probs.cumsum(dim=-1)  # (B, V), non-decreasing
-    u = torch.rand(probs.size(0), 1, device=probs.device) * cdf[:, -1:]  # (B, 1)
-    return torch.searchsorted(cdf, u, right=True).squeeze(1)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1).clamp_(max=probs.size(-1) - 1)
 
 
-def next_token(logits: torch.Tensor, seen: torch.Tensor, s: Settings) -> torch.Tensor:
+def pcg_hash(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (PCG's output function, O'Neill 2014) of int64 tensors holding 32 bits."""
+    state = (x * 747796405 + 2891336453) & 0xFFFFFFFF
+    word = (((state >> ((state >> 28) + 4)) ^ state) * 277803737) & 0xFFFFFFFF
+    return (word >> 22) ^ word
+
+
+def uniforms(keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """A uniform in [0, 1) per row (B, 1), a pure function of the row's (key, step) (B,) each.
+
+    Counter-based, not a generator's stream: an answer's draws are its own, whatever else is in
+    the batch, in whichever slot and after whichever prompts, so a rerun or a resumed run
+    reproduces it. Integer ops only: every backend and torch.compile take them.
+    """
+    return (pcg_hash(pcg_hash(keys) ^ steps) / 2**32).float()[:, None]
+
+
+def next_token(logits: torch.Tensor, seen: torch.Tensor, s: Settings, u: torch.Tensor) -> torch.Tensor:
     """Logits (B, V) -> next tokens (B,): penalty, then greedy or temperature, top-k, top-p, draw."""
     logits = apply_repetition_penalty(logits.float(), seen, s.repetition_penalty)
     if s.temperature == 0:
@@ -141,39 +160,51 @@ def next_token(logits: torch.Tensor, seen: torch.Tensor, s: Settings) -> torch.T
         logits = top_k_filter(logits, s.top_k)
     if s.top_p < 1:
         logits = top_p_filter(logits, s.top_p)
-    return sample_from(logits.softmax(dim=-1))
+    return sample_from(logits.softmax(dim=-1), u)
 
 
-# ---- decoding with a static KV cache: prefill the prompts, then one token at a time ----
+def answer_key(seed: int, prompt_id) -> int:
+    """The sampling stream of one answer: (seed, the prompt's id), as 32 bits."""
+    return zlib.crc32(f"{seed}\0{prompt_id}".encode())
 
-def decode_step(model: Transformer, token, input_pos, start, seen, s: Settings) -> torch.Tensor:
-    """token (B, 1) written at cache slot input_pos (1,) -> the next token (B,)."""
-    logits = model.forward_cached(token, input_pos, start)[:, -1]  # (B, V)
-    return next_token(logits, seen, s)
+
+# ---- decoding with a static KV cache: continuous batching over a fixed number of rows ----
+
+def decode_step(model: Transformer, token, positions, length: int, seen, keys, steps, s: Settings):
+    """token (B,) of every cache row at its position (B,) -> the next token (B,)."""
+    at = CacheSlots(rows=None, positions=positions[:, None], length=length)
+    logits = model.forward_cached(token[:, None], at)[:, -1]  # (B, V)
+    return next_token(logits, seen, s, uniforms(keys, steps))
 
 
 @functools.cache
 def compiled_decode_step():
     """decode_step compiled once per process (lazily: torch.compile costs seconds to import).
 
-    Every step has the same shapes (the cache is preallocated), so one graph serves them all,
-    and CUDA graphs ("reduce-overhead") replay it as a single launch: at batch 1 a step would
-    otherwise be bound by hundreds of kernel launches, not by reading the weights.
+    The shapes change only with the length read from the cache, which comes in powers of two
+    (filled_length), so a few graphs serve a whole run, and CUDA graphs ("reduce-overhead")
+    replay each as a single launch: at batch 1 a step would otherwise be bound by hundreds of
+    kernel launches, not by reading the weights.
     """
     return torch.compile(decode_step, mode="reduce-overhead", fullgraph=True)
 
 
+def filled_length(longest: int, size: int, compiled: bool) -> int:
+    """How many leading cache slots a step reads: at least longest (every row's position + 1).
+
+    Rounded up so that the compiled step sees few shapes: to a power of two when compiled (a
+    graph each), to a multiple of 64 otherwise; never past the cache's size.
+    """
+    bucket = 1 << max(6, (longest - 1).bit_length()) if compiled else -(-longest // 64) * 64
+    return min(bucket, size)
+
+
 def ensure_cache(model: Transformer, batch_size: int, length: int):
     """A KV cache of batch_size rows and >= length slots, reused if there is one (same buffers,
-    so a compiled step keeps its graph); the RoPE table is lengthened to match if needed."""
+    so a compiled step keeps its graph)."""
     cache = model.layers[0].attention.kv_cache
     if cache is None or cache.k_cache.size(0) != batch_size or cache.k_cache.size(2) < length:
         model.setup_cache(batch_size, length)
-    # Left padding shifts a short prompt right by up to the longest one, so slots can run past
-    # max_seq_len; RoPE sees only position differences within a row, and those stay below it.
-    if model.freqs_cis.size(0) < length:
-        model.freqs_cis = precompute_freqs_cis(model.args.head_dim, length, model.args.rope_theta
-                                               ).to(model.freqs_cis.device)
 
 
 def token_limit(model: Transformer, s: Settings) -> int:
@@ -182,62 +213,106 @@ def token_limit(model: Transformer, s: Settings) -> int:
 
 
 @torch.no_grad()
-def generate(model: Transformer, prompts: list[list[int]], s: Settings, eot_id: int,
-             on_token=None) -> list[list[int]]:
-    """Answer a batch of tokenized prompts: each answer ends with EOT, or stops at s.max_tokens in all.
+def decode(model: Transformer, prompts: list[list[int]], s: Settings, eot_id: int, slots: int | None = None,
+           keys: list | None = None, on_token=None, limits: list[int] | None = None):
+    """Answer tokenized prompts, yielding (index, answer) as each finishes: continuous batching.
 
-    Rows are left-padded to a common length, so that every row's next token goes to the same
-    cache slot; rows that have finished keep decoding EOT, which is thrown away. on_token, if
-    given, is called with each step's tokens (B,) (for streaming; with tensor parallelism give
-    one on every rank or on none, as it sets how often they check for the end). Raises
-    ValueError if a prompt leaves no room for an answer.
+    `slots` rows of the KV cache decode together (default: every prompt at once). When a row
+    finishes (EOT, or s.max_tokens in all) the next prompt is prefilled into that row at once, so
+    no row waits for the longest answer of a batch. Each row sits at its own position, and a step
+    reads only the filled part of the cache. An answer depends only on its prompt, s and its key
+    (keys[i], default i: the sampling stream is a function of (s.seed, key, step)), never on the
+    other prompts or on slots. limits[i], if given, caps answer i's tokens below what s.max_tokens
+    leaves it. on_token, if given, is called with each step's tokens (B,), for
+    streaming one prompt (with tensor parallelism give one on every rank or on none: it sets how
+    often they look for finished rows). Raises ValueError if a prompt leaves no room for an answer.
     """
     device = model.tok_embeddings.weight.device
     total = token_limit(model, s)
-    lens = [len(p) for p in prompts]
-    for i, n in enumerate(lens):
-        if not 0 < n < total:
-            raise ValueError(f"prompt {i} of the batch is {n} tokens: with at most {total} in all, "
+    for i, p in enumerate(prompts):
+        if not 0 < len(p) < total:
+            raise ValueError(f"prompt {i} is {len(p)} tokens: with at most {total} in all, "
                              f"no room is left for an answer")
-    B, P, max_new = len(prompts), max(lens), total - min(lens)
-    ensure_cache(model, B, P + max_new)
-    tokens = torch.zeros(B, P, dtype=torch.long)  # (B, P), left-padded; pad slots are masked out
-    for b, p in enumerate(prompts):
-        tokens[b, P - len(p):] = torch.tensor(p)
-    tokens = tokens.to(device)
-    start = torch.tensor([P - n for n in lens], device=device)  # (B,): where each row's text begins
-    budget = torch.tensor([total - n for n in lens], device=device)  # (B,): answer tokens allowed
-    seen = torch.zeros(B, model.args.vocab_size, dtype=torch.bool, device=device)  # for the penalty
-    if s.penalize_prompt:
-        for b, p in enumerate(prompts):
-            seen[b, p] = True
-    rows = torch.arange(B, device=device)
-    out = torch.full((B, max_new), eot_id, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    B = min(slots or len(prompts), len(prompts))
+    ensure_cache(model, B, total)
+    S = model.layers[0].attention.kv_cache.k_cache.size(2)
+    V = model.args.vocab_size
+    keys = [answer_key(s.seed, k) for k in (keys if keys is not None else range(len(prompts)))]
     step = compiled_decode_step() if s.compile else decode_step
+    # Per row, on the device: the last token, its position, the answer so far, its sampling key,
+    # tokens written, the answer's budget, the penalty's set, and whether the row is done.
+    token = torch.full((B,), eot_id, device=device)
+    positions = torch.zeros(B, dtype=torch.long, device=device)
+    answer = torch.full((B, total), eot_id, device=device)
+    row_keys = torch.zeros(B, dtype=torch.long, device=device)
+    written = torch.zeros(B, dtype=torch.long, device=device)
+    budget = torch.zeros(B, dtype=torch.long, device=device)
+    seen = torch.zeros(B, V, dtype=torch.bool, device=device)
+    done = torch.ones(B, dtype=torch.bool, device=device)
+    # On the host: which prompt each row holds, and a bound on its position (it stops moving
+    # once done), for the length of cache a step must read.
+    holds, reach = [None] * B, [0] * B
+    waiting = list(range(len(prompts)))[::-1]  # popped from the end: in order
 
-    torch.manual_seed(s.seed)
-    logits = model.forward_cached(tokens, torch.arange(P, device=device), start)[:, -1]  # (B, V)
-    token = next_token(logits, seen, s)
-    input_pos = torch.tensor([P], device=device)  # (1,): the slot the next token is written to
-    for t in range(max_new):
-        token = tp.agree(torch.where(done, eot_id, token))
-        out[:, t] = token
-        seen[rows, token] = True
-        done |= (token == eot_id) | (t + 1 >= budget)
+    def admit(b: int, i: int):
+        """Prefill prompt i into cache row b and draw its first token."""
+        p = torch.tensor([prompts[i]], device=device)  # (1, n)
+        n = p.size(1)
+        at = CacheSlots(rows=torch.tensor([b], device=device), positions=torch.arange(n, device=device)[None],
+                        length=filled_length(n, S, s.compile))
+        logits = model.forward_cached(p, at)[:, -1]  # (1, V)
+        seen[b] = False
+        if s.penalize_prompt:
+            seen[b, p[0]] = True
+        row_keys[b] = keys[i]
+        first = tp.agree(next_token(logits, seen[b:b + 1], s, uniforms(row_keys[b:b + 1], torch.zeros_like(written[:1]))))
+        token[b], positions[b], written[b] = first[0], n, 1
+        budget[b] = min(total - n, limits[i]) if limits else total - n
+        answer[b, 0] = first[0]
+        seen[b, first[0]] = True
+        done[b] = (first[0] == eot_id) | (budget[b] <= 1)
+        holds[b], reach[b] = i, n + 1
+
+    for b in range(B):
+        admit(b, waiting.pop())
+    if on_token is not None:
+        on_token(token)
+    rows = torch.arange(B, device=device)
+    t = 0
+    while True:
+        # Look for finished rows now and then: each look waits for the device, and between looks
+        # the host runs ahead queueing steps (streaming waits for every token anyway).
+        if t % STOP_CHECK_EVERY == 0 or on_token is not None:
+            for b in [b for b, d in enumerate(done.tolist()) if d and holds[b] is not None]:
+                yield holds[b], answer[b, :written[b]].tolist()
+                holds[b], reach[b] = None, 1  # an idle row decodes on in place, unread
+                if waiting:
+                    admit(b, waiting.pop())
+            if all(h is None for h in holds):
+                return
+        length = filled_length(max(reach), S, s.compile)
+        # clone: a CUDA graph's output is overwritten by its next replay
+        nxt = step(model, token, positions, length, seen, row_keys, written, s).clone()
+        live = ~done
+        token = tp.agree(torch.where(live, nxt, token))
+        at = written.clamp(max=total - 1)
+        answer[rows, at] = torch.where(live, token, answer[rows, at])
+        seen[rows, token] |= live
+        positions += live
+        written += live
+        done |= (token == eot_id) | (written >= budget)
+        reach = [r + 1 if h is not None else r for r, h in zip(reach, holds)]
         if on_token is not None:
             on_token(token)
-        # done.all() waits for the device; between checks the host runs ahead queueing steps.
-        # Streaming waits for every token anyway, so it checks every step.
-        if t + 1 == max_new or ((on_token is not None or t % STOP_CHECK_EVERY == 0) and done.all()):
-            break
-        # clone: a CUDA graph's output is overwritten by its next replay
-        token = step(model, token[:, None], input_pos, start, seen, s).clone()
-        input_pos += 1
-    answers = []
-    for row, n in zip(out.tolist(), lens):
-        row = row[:total - n]
-        answers.append(row[:row.index(eot_id) + 1] if eot_id in row else row)
+        t += 1
+
+
+def generate(model: Transformer, prompts: list[list[int]], s: Settings, eot_id: int, slots: int | None = None,
+             keys: list | None = None, on_token=None, limits: list[int] | None = None) -> list[list[int]]:
+    """decode()'s answers, in the prompts' order: each ends with EOT or stops at its limit."""
+    answers = [None] * len(prompts)
+    for i, ids in decode(model, prompts, s, eot_id, slots, keys, on_token, limits):
+        answers[i] = ids
     return answers
 
 
@@ -416,7 +491,7 @@ def read_prompts(path) -> list[dict]:
 
 
 def answer_file(model, tok, cfg: Config, s: Settings, rank: int):
-    """--prompts FILE --out FILE: answer in batches, appending each batch's answers as it finishes."""
+    """--prompts FILE --out FILE: answer with continuous batching, appending each answer as it finishes."""
     if not cfg.out:
         raise ValueError("--prompts needs --out FILE.jsonl for the answers")
     out = Path(cfg.out)
@@ -429,7 +504,7 @@ def answer_file(model, tok, cfg: Config, s: Settings, rank: int):
                 raise DataError(f"{out}:{n}: not an answer line (cut short by a crash?); "
                                 f"delete it and run again") from None
     # Every rank reads the same files before its first collective, so all agree on what is left.
-    items = [{**it, "n": n} for n, it in enumerate(read_prompts(cfg.prompts)) if str(it["id"]) not in answered]
+    items = [it for it in read_prompts(cfg.prompts) if str(it["id"]) not in answered]
     total = token_limit(model, s)
     for it in items:
         it["ids"] = tok.encode_dialog(it["history"] + [it["prompt"]])
@@ -441,20 +516,20 @@ def answer_file(model, tok, cfg: Config, s: Settings, rank: int):
         out.parent.mkdir(parents=True, exist_ok=True)
     with interrupted_note(f"{out}: holds every answer finished so far; the same command answers the rest"), \
             tqdm(total=len(items), unit="prompt", disable=rank != 0) as bar:
-        for i in range(0, len(items), cfg.batch_size):
-            batch = items[i:i + cfg.batch_size]
-            # A seed of its own per batch, from its first prompt's place in the file: with one
-            # seed for all, every batch would draw the same noise and their answers correlate.
-            seeded = replace(s, seed=s.seed + batch[0]["n"])
-            answers = generate(model, [it["ids"] for it in batch], seeded, tok.eot_id)
+        # Continuous batching over --batch_size rows; each answer is written as soon as it is done.
+        # Its sampling stream is keyed by the prompt's id: the same answer whatever the batch,
+        # the order of the file, or how many were answered before a resume.
+        finished = decode(model, [it["ids"] for it in items], s, tok.eot_id, slots=cfg.batch_size,
+                          keys=[it["id"] for it in items])
+        for i, ids in finished:
+            it = items[i]
             if rank == 0:
+                stop = "eot" if ids[-1] == tok.eot_id else "length"
+                row = dict(id=it["id"], prompt=it["prompt"], history=it["history"],
+                           answer=tok.decode([t for t in ids if t != tok.eot_id]), stop=stop)
                 with out.open("a") as f:
-                    for it, ids in zip(batch, answers):
-                        stop = "eot" if ids[-1] == tok.eot_id else "length"
-                        row = dict(id=it["id"], prompt=it["prompt"], history=it["history"],
-                                   answer=tok.decode([t for t in ids if t != tok.eot_id]), stop=stop)
-                        f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            bar.update(len(batch))
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            bar.update(1)
 
 
 @contextmanager

@@ -12,7 +12,7 @@ penalty 1.2) is timed on both sides. HF's repetition penalty counts the prompt's
 so ours runs with penalize_prompt=True here (the same work; ours leaves it off by default).
 Every row runs to the length limit (ours: no EOT id can occur; HF: min_new_tokens), and the
 prompts share one length, so nothing is padded. Arms:
-    ours        sample.generate: a static KV cache preallocated once, eager (--compile is for GPUs)
+    ours        sample.generate: a static KV cache preallocated once, read up to its filled part, eager
     hf          model.generate with its default DynamicCache, which grows by concatenation
     hf-static   model.generate(cache_implementation="static"), eager
 Decode speed, as in bench_decode.py: (tokens after the first) / (time of the whole generate -
@@ -50,15 +50,19 @@ class BenchConfig:
     results: str = "bench/results.md"  # relative to the repository; the table is appended; "" to skip
 
 
-LIMA = Settings(temperature=0.7, top_p=0.9, repetition_penalty=1.2, penalize_prompt=True)
+LIMA = Settings(temperature=0.7, top_p=0.9, top_k=0, repetition_penalty=1.2, penalize_prompt=True)
 
 
 def hf_generate(hf, prompts: torch.Tensor, s: Settings, new: int, static: bool) -> torch.Tensor:
-    """HF's generate with the same settings as s, exactly `new` tokens per row."""
+    """HF's generate with the same settings as s, exactly `new` tokens per row.
+
+    Every sampling setting is passed, top_k too: left unset, transformers fills it with its
+    global default of 50, a filter ours does not apply (top_k 0 is off on both sides).
+    """
     from transformers import GenerationConfig
     gc = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=s.temperature > 0,
                           temperature=s.temperature or None, top_p=s.top_p if s.temperature else None,
-                          top_k=None, repetition_penalty=s.repetition_penalty, eos_token_id=2,
+                          top_k=s.top_k, repetition_penalty=s.repetition_penalty, eos_token_id=2,
                           pad_token_id=0, use_cache=True, cache_implementation="static" if static else None)
     torch.manual_seed(s.seed)
     return hf.generate(prompts, attention_mask=torch.ones_like(prompts), generation_config=gc)[:, prompts.size(1):]
@@ -103,13 +107,18 @@ def bench(name: str, cfg: BenchConfig) -> tuple[list[dict], list[str]]:
                 raise SystemExit(f"{name}, batch {batch}: greedy answers disagree, not timing: {bad}")
         notes.append(f"{name}, batch {batch}: greedy answers of {cfg.check_tokens} tokens agree token for "
                      f"token, ours and {', '.join(a for a in arms if a != 'ours')}")
-        timings = {}
         for arm in arms:
-            with OthersCPU() as others:
-                timed(arm, ours, hf, prompts, LIMA, cfg.new_tokens)  # warm-up: allocation
-                full = statistics.median(timed(arm, ours, hf, prompts, LIMA, cfg.new_tokens) for _ in range(cfg.repeats))
-                first = statistics.median(timed(arm, ours, hf, prompts, LIMA, 1) for _ in range(cfg.repeats))
-            timings[arm] = ((full - first) / (cfg.new_tokens - 1), first, others.share)
+            timed(arm, ours, hf, prompts, LIMA, cfg.new_tokens)  # warm-up: allocation
+        # The arms alternate, repetition by repetition, so that a slow minute of the machine
+        # falls on all of them rather than on whichever ran then.
+        full, first = {arm: [] for arm in arms}, {arm: [] for arm in arms}
+        with OthersCPU() as others:
+            for _ in range(cfg.repeats):
+                for arm in arms:
+                    full[arm].append(timed(arm, ours, hf, prompts, LIMA, cfg.new_tokens))
+                    first[arm].append(timed(arm, ours, hf, prompts, LIMA, 1))
+        timings = {arm: ((statistics.median(full[arm]) - statistics.median(first[arm])) / (cfg.new_tokens - 1),
+                         statistics.median(first[arm]), others.share) for arm in arms}
         for arm, (step_s, first, others) in timings.items():
             vs_hf = f"{timings['hf'][0] / step_s:.2f}" if "hf" in timings else "-"
             rows.append([name, f"{ours.num_params() / 1e6:.0f}M", batch, arm, f"{batch / step_s:,.0f}",

@@ -14,13 +14,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import sample  # noqa: E402
 
 
-def endless(model, prompts, s, eot_id, on_token=None):
-    word = torch.tensor([[300]])  # any piece but EOT
+def endless(model, prompts, s, eot_id, slots=None, keys=None, on_token=None, limits=None):
+    """sample.decode that never finishes an answer: generate(), chat and --prompts all use it."""
+    word = torch.tensor([300])  # any piece but EOT
     while True:
         if on_token:
             on_token(word)
         time.sleep(0.01)
+        yield from ()
 
 
-sample.generate = endless
+sample.decode = endless
 sample.main(sys.argv[1:])

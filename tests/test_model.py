@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (CONFIGS, ModelArgs, Transformer, apply_rotary_emb,
+from model import (CONFIGS, CacheSlots, ModelArgs, Transformer, apply_rotary_emb,
                    extend_vocab, precompute_freqs_cis)
 
 TINY = dict(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=101, multiple_of=16,
@@ -175,29 +175,46 @@ def test_packed_rows_equal_separate_rows():
 
 # ---- generation path ----
 
+def slots(positions, length, rows=None):
+    return CacheSlots(rows=None if rows is None else torch.tensor(rows), positions=positions, length=length)
+
+
 def test_kv_cache_decoding_equals_full_forward_step_by_step():
     model = tiny_model()
     tokens = torch.randint(0, 101, (2, 12))
     full = model(tokens)
     model.setup_cache(batch_size=2, max_seq_len=32)
-    logits = [model.forward_cached(tokens[:, :5], torch.arange(5))]  # prefill
-    for t in range(5, 12):  # then one token at a time
-        logits.append(model.forward_cached(tokens[:, t : t + 1], torch.tensor([t])))
+    logits = [model.forward_cached(tokens[:, :5], slots(torch.arange(5).expand(2, 5), 32))]  # prefill
+    for t in range(5, 12):  # then one token at a time, reading only the filled slots
+        logits.append(model.forward_cached(tokens[:, t : t + 1], slots(torch.full((2, 1), t), t + 1)))
     torch.testing.assert_close(torch.cat(logits, 1), full, rtol=1e-9, atol=1e-9)
 
 
-def test_left_padded_rows_decode_like_unpadded_ones():
+def test_rows_at_their_own_positions_decode_like_alone_and_a_reused_row_keeps_no_stale_keys():
+    """Continuous batching's cache: row 0 holds a long conversation, row 1 is refilled with a
+    short one while row 0 goes on; each row's logits are those of its text alone, and the slots
+    the long text left in row 1 beyond the short one's position are never seen."""
     model = tiny_model()
-    short, long = torch.randint(1, 101, (1, 4)), torch.randint(1, 101, (1, 7))
-    batch = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1), long])  # (2, 7)
+    long, short, other = torch.randint(1, 101, (1, 9)), torch.randint(1, 101, (1, 3)), torch.randint(1, 101, (1, 9))
     model.setup_cache(batch_size=2, max_seq_len=16)
-    out = model.forward_cached(batch, torch.arange(7), start=torch.tensor([3, 0]))
-    nxt = model.forward_cached(torch.tensor([[5], [6]]), torch.tensor([7]), start=torch.tensor([3, 0]))
-    assert torch.isfinite(out).all()
-    torch.testing.assert_close(out[0, 3:], model(short)[0], rtol=1e-7, atol=1e-8)
-    torch.testing.assert_close(out[1], model(long)[0], rtol=1e-7, atol=1e-8)
-    torch.testing.assert_close(nxt[0, 0], model(torch.cat([short, torch.tensor([[5]])], 1))[0, -1])
-    torch.testing.assert_close(nxt[1, 0], model(torch.cat([long, torch.tensor([[6]])], 1))[0, -1])
+    model.forward_cached(torch.cat([long, other]), slots(torch.arange(9).expand(2, 9), 16))  # both rows long
+    out = model.forward_cached(short, slots(torch.arange(3)[None], 16, rows=[1]))  # row 1 reused: short
+    torch.testing.assert_close(out[0], model(short)[0], rtol=1e-7, atol=1e-8)
+    step = model.forward_cached(torch.tensor([[5], [6]]), slots(torch.tensor([[9], [3]]), 10))  # both on
+    assert torch.isfinite(step).all()
+    torch.testing.assert_close(step[0, 0], model(torch.cat([long, torch.tensor([[5]])], 1))[0, -1])
+    torch.testing.assert_close(step[1, 0], model(torch.cat([short, torch.tensor([[6]])], 1))[0, -1])
+
+
+def test_reading_the_filled_slots_equals_reading_the_whole_cache():
+    model = tiny_model()
+    tokens = torch.randint(0, 101, (2, 6))
+    model.setup_cache(batch_size=2, max_seq_len=64)
+    model.forward_cached(tokens, slots(torch.arange(6).expand(2, 6), 64))
+    nxt = torch.tensor([[7], [8]])
+    whole = model.forward_cached(nxt, slots(torch.full((2, 1), 6), 64))
+    filled = model.forward_cached(nxt, slots(torch.full((2, 1), 6), 7))
+    torch.testing.assert_close(filled, whole, rtol=1e-6, atol=1e-7)
 
 
 # ---- LIMA's residual dropout ----

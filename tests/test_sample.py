@@ -17,8 +17,8 @@ import torch
 import sample
 from data import Tokenizer
 from model import ModelArgs, Transformer
-from sample import (Settings, apply_repetition_penalty, generate, load_model, next_token,
-                    top_k_filter, top_p_filter)
+from sample import (Settings, apply_repetition_penalty, decode, generate, load_model, next_token,
+                    top_k_filter, top_p_filter, uniforms)
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "data" / "tokenizer.model"
@@ -130,21 +130,25 @@ def test_seeded_sampling_matches_the_intended_distribution():
     expected = [q[0] / nucleus, q[1] / nucleus, q[2] / nucleus, 0.0, 0.0]
 
     n = 200_000
-    torch.manual_seed(0)
-    draws = next_token(logits.expand(n, 5), seen.expand(n, 5), Settings())
+    # the uniforms of 200,000 answers' first draws (keys 0..n-1, step 0): the hash is uniform enough
+    u = uniforms(torch.arange(n), torch.zeros(n, dtype=torch.long))
+    draws = next_token(logits.expand(n, 5), seen.expand(n, 5), Settings(), u)
     freq = torch.bincount(draws, minlength=5).double() / n
     # Standard error <= 0.0011 at this n: 0.005 is over 4 of them.
     assert torch.allclose(freq, torch.tensor(expected, dtype=torch.double), atol=0.005), freq
     assert freq[3] == 0 and freq[4] == 0  # outside the nucleus: never drawn
-    torch.manual_seed(0)
-    assert torch.equal(next_token(logits.expand(n, 5), seen.expand(n, 5), Settings()), draws)
+    # and along one answer's steps too (key 7, steps 0..n-1)
+    u = uniforms(torch.full((n,), 7), torch.arange(n))
+    freq = torch.bincount(next_token(logits.expand(n, 5), seen.expand(n, 5), Settings(), u), minlength=5).double() / n
+    assert torch.allclose(freq, torch.tensor(expected, dtype=torch.double), atol=0.005), freq
 
 
 def test_greedy_takes_the_likeliest_token_after_the_penalty():
     logits = torch.tensor([[2.0, 1.9, -1.0]])
     seen = torch.tensor([[True, False, False]])
-    assert next_token(logits, seen, Settings(temperature=0)).item() == 1  # 2.0 / 1.2 < 1.9
-    assert next_token(logits, seen, Settings(temperature=0, repetition_penalty=1.0)).item() == 0
+    u = torch.zeros(1, 1)  # unused: greedy draws nothing
+    assert next_token(logits, seen, Settings(temperature=0), u).item() == 1  # 2.0 / 1.2 < 1.9
+    assert next_token(logits, seen, Settings(temperature=0, repetition_penalty=1.0), u).item() == 0
 
 
 # ---- generation with the KV cache ----
@@ -217,6 +221,39 @@ def test_a_seed_reproduces_the_same_samples(tok):
 
 # ---- loading ----
 
+def test_continuous_batching_answers_each_prompt_as_if_alone(tok):
+    """Four prompts of mixed lengths in two rows: when one finishes (at a stand-in EOT, or at the
+    limit) the next is prefilled into its row, long after short and short after long. Greedy
+    answers equal one-at-a-time decoding token for token."""
+    model = tiny_model(tok.vocab_size)
+    prompts = prompts_for(tok, QUESTIONS) + [tok.encode_dialog(["Hi"])]
+    alone = [generate(model, [p], GREEDY, tok.eot_id)[0] for p in prompts]
+    stop = alone[1][5]  # a token that ends some answers early and others not at all
+    alone = [generate(model, [p], GREEDY, stop)[0] for p in prompts]
+    assert len({len(a) for a in alone}) > 2  # answers of several lengths
+    finished = list(decode(model, prompts, GREEDY, stop, slots=2))
+    assert sorted(i for i, _ in finished) == [0, 1, 2, 3] and [i for i, _ in finished] != [0, 1, 2, 3]
+    assert all(ids == alone[i] for i, ids in finished)
+    # and with a limit of its own per answer
+    limits = [7, 30, 3, 12]
+    alone = [generate(model, [p], GREEDY, stop, limits=[n])[0] for p, n in zip(prompts, limits)]
+    assert [len(a) for a in alone] != [len(a) for a in generate(model, prompts, GREEDY, stop)]  # they bite
+    assert generate(model, prompts, GREEDY, stop, slots=2, limits=limits) == alone
+
+
+def test_sampled_answers_depend_only_on_the_seed_and_the_prompts_id(tok):
+    model = tiny_model(tok.vocab_size)
+    prompts = prompts_for(tok, QUESTIONS)
+    s = Settings(max_tokens=48)
+    ids = ["a", "b", "c"]
+    reference = dict(zip(ids, generate(model, prompts, s, tok.eot_id, slots=1, keys=ids)))
+    for slots, order in ((2, [0, 1, 2]), (3, [2, 1, 0]), (2, [2, 0])):  # other batches and neighbours
+        got = generate(model, [prompts[i] for i in order], s, tok.eot_id, slots=slots, keys=[ids[i] for i in order])
+        assert got == [reference[ids[i]] for i in order], (slots, order)
+    other = generate(model, prompts[:1], s, tok.eot_id, keys=["z"])  # another id: another draw
+    assert other[0] != reference["a"]
+
+
 def test_load_model_checks_the_tokenizer_against_the_weights(tok, tmp_path, capsys):
     model, loaded_tok = load_model(save_checkpoint(tiny_model(tok.vocab_size), tmp_path / "ok"))
     assert model.args.vocab_size == loaded_tok.vocab_size
@@ -277,23 +314,25 @@ def test_prompts_file_is_answered_in_batches_and_resumed(tok, checkpoint, tmp_pa
     out = tmp_path / "answers.jsonl"
     args = ["--checkpoint", checkpoint, "--prompts", lima, "--out", out, "--batch_size", 2, "--max_tokens", 80]
     assert run_main(args) is None
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["id"] for r in rows] == [1, 2, 3]
-    assert rows[1]["prompt"] == QUESTIONS[1] and rows[1]["history"] == ["Hi", "Hello! How can I help?"]
-    assert rows[2]["prompt"] == QUESTIONS[2] and rows[2]["history"] == []
-    assert all(r["stop"] in ("eot", "length") for r in rows)
-    # Cut the file as a crash would between batches: only the missing prompt is answered again.
-    out.write_text(out.read_text().splitlines(keepends=True)[0])
+    rows = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}  # in the order they finished
+    assert sorted(rows) == [1, 2, 3]
+    assert rows[2]["prompt"] == QUESTIONS[1] and rows[2]["history"] == ["Hi", "Hello! How can I help?"]
+    assert rows[3]["prompt"] == QUESTIONS[2] and rows[3]["history"] == []
+    assert all(r["stop"] in ("eot", "length") for r in rows.values())
+    # Cut the file as a crash would: only the missing prompts are answered again, and (sampled,
+    # keyed by their ids) exactly as before, though now two others share the batch.
+    first = out.read_text().splitlines(keepends=True)[0]
+    out.write_text(first)
     assert run_main(args) is None
-    again = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["id"] for r in again] == [1, 2, 3] and again[0] == rows[0]
+    again = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert again == rows
     assert run_main(args) is None and out.read_text().count("\n") == 3  # nothing left to do
     # A text file: one prompt per line (blank lines skipped), numbered from 1.
     txt = tmp_path / "prompts.txt"
     txt.write_text(f"{QUESTIONS[0]}\n\n{QUESTIONS[1]}\n")
     assert run_main(["--checkpoint", checkpoint, "--prompts", txt, "--out", tmp_path / "t.jsonl",
                      "--max_tokens", 40]) is None
-    assert [json.loads(line)["id"] for line in (tmp_path / "t.jsonl").read_text().splitlines()] == [1, 2]
+    assert sorted(json.loads(line)["id"] for line in (tmp_path / "t.jsonl").read_text().splitlines()) == [1, 2]
 
 
 def test_chat_keeps_the_conversation_in_lima_format(tok, checkpoint, monkeypatch, capsys):
