@@ -334,20 +334,28 @@ def export(src, dst, dtype=torch.bfloat16):
 
 def main(argv):
     usage = "usage: python checkpoint.py list OUT | export CHECKPOINT DST [--dtype bf16|fp32]"
+    if argv[:1] in (["--help"], ["-h"]):
+        print(__doc__.strip() + "\n\n" + usage)
+        return
     try:
         if len(argv) == 2 and argv[0] == "list":
+            if not Path(argv[1]).is_dir():
+                raise FileNotFoundError(f"{argv[1]}: no such run folder")
             for path in list_checkpoints(argv[1]):
                 state = read_state(path)
                 optim = "weights+optimizer" if (path / "optim").is_dir() else "weights only"
                 print(f"{path.name:>14}  step {state['step']:>6}  epoch {state['epoch']:>3}  {optim}")
-        elif len(argv) in (3, 5) and argv[0] == "export":
+            for why in damaged(argv[1]):
+                print(f"skipped: {why}", file=sys.stderr)
+        elif argv[:1] == ["export"] and len(argv) in (3, 5):
             dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
-            dtype = dtypes[argv[4]] if len(argv) == 5 and argv[3] == "--dtype" else torch.bfloat16
-            export(argv[1], argv[2], dtype)
+            if len(argv) == 5 and (argv[3] != "--dtype" or argv[4] not in dtypes):
+                raise ValueError(f"export takes --dtype bf16 or --dtype fp32 after DST, not {' '.join(argv[3:])!r}")
+            export(argv[1], argv[2], dtypes[argv[4]] if len(argv) == 5 else torch.bfloat16)
             print(f"exported {argv[1]} -> {argv[2]}")
         else:
-            sys.exit(usage)
-    except (FileNotFoundError, ValueError, KeyError) as e:
+            raise ValueError(f"{' '.join(argv) or 'no command'}: {usage}")
+    except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -618,9 +618,22 @@ def check_same_run(saved: dict, cfg: TrainConfig, path: Path):
 
 def open_metrics(path: Path, step: int):
     """metrics.jsonl for appending, holding only the records up to `step`, where the run resumes:
-    a crashed run's steps after its last checkpoint are dropped, as they are about to be redone."""
-    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step] \
-        if step and path.is_file() else []
+    a crashed run's steps after its last checkpoint are dropped, as they are about to be redone.
+    A last line cut short by the crash goes with them; a bad line before it is an error."""
+    kept = []
+    lines = path.read_text().splitlines() if step and path.is_file() else []
+    for n, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            record_step = record["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            if n == len(lines):
+                print(f"{path}:{n}: dropped a line cut short (by the crash?)", file=sys.stderr)
+                break
+            raise ValueError(f"{path}:{n}: not a metrics record (a JSON object with a step); "
+                             f"fix or delete the line, then resume") from None
+        if record_step <= step:
+            kept.append(line)
     path.write_text("".join(line + "\n" for line in kept))
     return open(path, "a")
 

@@ -280,3 +280,19 @@ def test_streaming_export_writes_todays_file_and_never_holds_the_model(tmp_path)
     assert all(new[k].dtype == torch.bfloat16 and torch.equal(new[k], old[k]) for k in old)
     assert json.loads((tmp_path / "new" / "params.json").read_text()) == {
         k: v for k, v in asdict(args).items() if k != "resid_dropout"}
+
+
+def test_resume_drops_a_metrics_line_cut_by_the_crash_and_refuses_a_broken_one(init_dir, two_saves, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(two_saves, out)
+    metrics = out / "metrics.jsonl"
+    good = metrics.read_text()
+    metrics.write_text(good + '{"step": 9, "lo')  # the crash cut the last write short
+    result = run(train_args(init_dir, out, "--resume", "auto"))
+    assert f"{metrics}:9: dropped a line cut short" in result.stderr
+    assert sorted(losses(out)) == list(range(1, 21))
+    lines = good.splitlines()
+    metrics.write_text("\n".join(lines[:2] + ["not json"] + lines[2:]) + "\n")
+    result = run(train_args(init_dir, out, "--resume", "auto"), check=False)
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == (
+        f"error: {metrics}:3: not a metrics record (a JSON object with a step); fix or delete the line, then resume")
