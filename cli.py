@@ -18,6 +18,11 @@ import typing
 from dataclasses import dataclass, fields, is_dataclass
 
 
+def num(value) -> str:
+    """A bound as a person writes it: 4294967296, not 4.29497e+09; 0.9, not 0.900000."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
 @dataclass(frozen=True)
 class Range:
     """The numbers a numeric field accepts: within the bounds given (ge >=, gt >, le <=, lt <),
@@ -38,14 +43,14 @@ class Range:
         low, high = (self.ge, "[") if self.ge is not None else (self.gt, "(")
         top, end = (self.le, "]") if self.le is not None else (self.lt, ")")
         if low is not None and top is not None:
-            text = f"in {high}{low:g}, {top:g}{end}"
+            text = f"in {high}{num(low)}, {num(top)}{end}"
         elif low is not None:
-            text = f"at least {low:g}" if self.ge is not None else f"greater than {low:g}"
+            text = f"at least {num(low)}" if self.ge is not None else f"greater than {num(low)}"
         elif top is not None:
-            text = f"at most {top:g}" if self.le is not None else f"less than {top:g}"
+            text = f"at most {num(top)}" if self.le is not None else f"less than {num(top)}"
         else:
             text = "a finite number"
-        return " or ".join([f"{v:g}" for v in self.also] + [text])
+        return " or ".join([num(v) for v in self.also] + [text])
 
 
 def field_spec(f) -> tuple[type, tuple | None, Range | None]:

@@ -475,7 +475,7 @@ def to_hf(src, dst, dtype: torch.dtype | None = None, max_file_bytes: int = 5 * 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Convert LLaMA weights: Meta or HF -> this project, "
-                                                 "or this project -> HF (--to-hf).")
+                                                 "or this project -> HF (--to-hf).", allow_abbrev=False)
     parser.add_argument("src", help="Meta's model folder, an HF folder, or (with --to-hf) a converted one")
     parser.add_argument("dst", help="a new directory")
     parser.add_argument("--to-hf", action="store_true", help="export a converted directory to HF's format")

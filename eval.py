@@ -774,6 +774,12 @@ def report(run, pairwise=(), ratings=(), out=None) -> Path:
 # ---- command line ----
 
 class Parser(argparse.ArgumentParser):
+    """argparse, with errors as one `error:` line, and no abbreviated options (--max_tok would
+    silently mean --max_tokens, and quietly change meaning when another option starts alike)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
     def error(self, message):
         fail(message)
 

@@ -63,7 +63,7 @@ class Settings:
     # that ends every user turn, which would push answers to run on.
     penalize_prompt: bool = False  # count the prompt's tokens as seen too
     max_tokens: Annotated[int, Range(ge=1)] = 2048  # prompt + answer, in all (and never more than the model's max_seq_len)
-    seed: int = 0  # with the prompt's id, it keys each answer's draws: the same answer whatever the batch
+    seed: Annotated[int, Range(ge=0, lt=2**32)] = 0  # with the prompt's id, it keys each answer's draws: the same answer whatever the batch
     compile: bool = False  # torch.compile the decode step (CUDA graphs on GPU; first call is slow)
 
 

@@ -71,7 +71,7 @@ class TrainConfig:
     max_len: Annotated[int, Range(ge=1)] = 2048  # longer conversations are trimmed (counted and reported)
     train_on_prompt: bool = False  # LIMA trains on the responses only
     grad_clip: Annotated[float, Range(ge=0)] = 0.0  # max global grad norm; 0: off (LIMA does not mention clipping)
-    seed: Annotated[int, Range(ge=0)] = 0
+    seed: Annotated[int, Range(ge=0, lt=2**32)] = 0
     # How to run it.
     max_tokens: Annotated[int, Range(ge=0)] = 0  # tokens in one packed row (a micro-step) per rank; 0: 4096, or a rank's whole share with --step_in_backward
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # compute dtype: auto is bf16 on GPU, fp32 on CPU
