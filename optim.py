@@ -101,6 +101,7 @@ class AdamWBF16(torch.optim.Optimizer):
         return loss
 
     def step_param(self, p: torch.Tensor, group: dict):
+        """One parameter's AdamW step, on this rank's shard of it."""
         state = self.state[p]
         if not state:
             state["step"] = 0
@@ -121,7 +122,7 @@ class AdamWBF16(torch.optim.Optimizer):
         update = -group["lr"] * (exp_avg / bias1 / ((exp_avg_sq / bias2).sqrt() + group["eps"])
                                  + group["weight_decay"] * weight)
         if self.rounding == "kahan":
-            # The exact weight is w + compensation; store the nearest bf16 to exact + update
+            # exact: the new float32 weight, (w + compensation) + update. Store its nearest bf16
             # and, in the compensation, what that rounding lost (exact in float32, |.| <= gap/2).
             comp = local(state["compensation"])
             exact = weight + comp.float() * gap(w) * 2**-16 + update

@@ -80,7 +80,7 @@ class Config(Settings):
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-STOP_CHECK_EVERY = 8  # decode steps between checks that every row is done (each check syncs)
+STOP_CHECK_EVERY = 8  # decode steps between looks for finished rows (each look waits for the device)
 
 
 # ---- one decoding step, in small pure functions: logits (B, V) -> the next token (B,) ----
@@ -265,7 +265,8 @@ def decode(model: Transformer, prompts: list[list[int]], s: Settings, eot_id: in
         if s.penalize_prompt:
             seen[b, p[0]] = True
         row_keys[b] = keys[i]
-        first = tp.agree(next_token(logits, seen[b:b + 1], s, uniforms(row_keys[b:b + 1], torch.zeros_like(written[:1]))))
+        step_0 = torch.zeros(1, dtype=torch.long, device=device)  # the first draw of this answer
+        first = tp.agree(next_token(logits, seen[b:b + 1], s, uniforms(row_keys[b:b + 1], step_0)))
         token[b], positions[b], written[b] = first[0], n, 1
         budget[b] = min(total - n, limits[i]) if limits else total - n
         answer[b, 0] = first[0]

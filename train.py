@@ -392,6 +392,13 @@ def row_loss(model, examples, idxs, device) -> torch.Tensor:
     return loss_sum(h, model.output.weight, batch["targets"])
 
 
+def global_loss(loss_sum_rank: torch.Tensor, n_global: int) -> float:
+    """This rank's summed loss -> the mean over every trained token of the global batch."""
+    total = loss_sum_rank.detach().clone()
+    dist.all_reduce(total)
+    return total.item() / n_global
+
+
 def run_micro_steps(model, examples, rows, n_global, device, world_size):
     """Forward and backward over this rank's packed rows; returns the summed loss (no division).
 
@@ -551,17 +558,14 @@ def train(cfg: TrainConfig):
             group["lr"] = lr
         if stepper:
             loss_sum_row = row_loss(model, train_set.examples, plan[rank][0], device)
-            loss = loss_sum_row.detach().clone()
-            dist.all_reduce(loss)  # the whole batch's loss, before backward touches any weight
-            loss = loss.item() / n_global
+            loss = global_loss(loss_sum_row, n_global)  # the whole batch's, before backward touches any weight
             stop_if_not_finite(step, out, loss)
             (loss_sum_row * world_size / n_global).backward()  # every parameter is stepped in it
             grad_norm = stepper.grad_norm()
             stop_if_not_finite(step, out, loss, grad_norm, stepped=True)
         else:
-            loss = run_micro_steps(model, train_set.examples, plan[rank], n_global, device, world_size)
-            dist.all_reduce(loss)
-            loss = loss.item() / n_global
+            loss = global_loss(run_micro_steps(model, train_set.examples, plan[rank], n_global, device,
+                                               world_size), n_global)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
             grad_norm = (grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm).item()
             stop_if_not_finite(step, out, loss, grad_norm)
@@ -694,12 +698,16 @@ def check_choices(cfg: TrainConfig):
                          "so it cannot clip by the global norm: drop --grad_clip or use --step_in_backward false")
 
 
+def ranks_on_this_node(device) -> int:
+    """The ranks that share this machine's memory: its GPUs, or the CPU processes torchrun started."""
+    return torch.cuda.device_count() if device.type == "cuda" else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def memory_budget(device) -> tuple[float, str]:
     """GB one rank may plan for, and of what: its GPU, or its share of the host's available RAM."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory / memory.GB - CUDA_RESERVE_GB, "GPU"
-    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return memory.host_available_gb() / ranks_here - memory.PROCESS_GB, "CPU rank"
+    return memory.host_available_gb() / ranks_on_this_node(device) - memory.PROCESS_GB, "CPU rank"
 
 
 def choose_memory(cfg: TrainConfig, args: ModelArgs, world_size: int, device, saved: dict | None = None,
@@ -721,7 +729,7 @@ def choose_memory(cfg: TrainConfig, args: ModelArgs, world_size: int, device, sa
             raise ValueError(f"this run's optimizer state is --weights {saved['weights']}, which cannot "
                              f"continue as --weights {cfg.weights}: resume with the same value")
     budget_gb, budget = memory_budget(device)
-    ranks_here = torch.cuda.device_count() if device.type == "cuda" else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    ranks_here = ranks_on_this_node(device)
     host_gb = memory.host_available_gb() - ranks_here * memory.PROCESS_GB  # for --offload's state
     base = memory.Options(world_size=world_size, gpus_per_node=ranks_here, max_tokens=cfg.max_tokens,
                           ac=cfg.ac, offload=cfg.offload, gpu_gb=budget_gb, host_gb=host_gb if cfg.offload else 0.0,
@@ -729,6 +737,7 @@ def choose_memory(cfg: TrainConfig, args: ModelArgs, world_size: int, device, sa
     options = memory.candidates(base, cfg.weights, cfg.step_in_backward, cfg.global_batch, cfg.max_len,
                                 cfg.grad_clip > 0)
     chosen, plans = memory.choose(args, options)
+    p = next((p for o, p in zip(options, plans) if o is chosen), None)
     if chosen is None:
         least, p = min(zip(options, plans), key=lambda op: (op[1]["gpu_total"], op[1]["cpu_per_node"]))
         if cfg.memory_check:
@@ -739,7 +748,6 @@ def choose_memory(cfg: TrainConfig, args: ModelArgs, world_size: int, device, sa
                              f"and {budget_gb:.1f} GB are available ({world_size} rank(s), --ac {cfg.ac}){host}; "
                              f"see train.py --plan true for what fits (--memory_check false to try anyway)")
         chosen = least  # told to try anyway: the least hungry
-    p = memory.plan(args, chosen)
     cfg.weights, cfg.max_tokens = chosen.weights, chosen.max_tokens
     cfg.step_in_backward = str(chosen.step_in_backward).lower()
     if verbose:
