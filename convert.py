@@ -29,6 +29,7 @@ import math
 import mmap
 import os
 import shutil
+import struct
 import sys
 from contextlib import contextmanager
 from dataclasses import asdict, replace
@@ -388,30 +389,174 @@ def convert(src, dst, dtype: torch.dtype | None = None):
 
 # ---- export to Hugging Face ----
 
+# tokenizer.json (HF's tokenizers library) is written from the sentencepiece model itself, with the
+# standard library: transformers, tokenizers and protobuf are not dependencies of this project. What
+# decides sentencepiece's ids but SentencePieceProcessor does not tell (each piece's type, the model
+# type, the text settings) is read from tokenizer.model, a protobuf ModelProto, by the few lines
+# below. The field numbers are those of sentencepiece's src/sentencepiece_model.proto.
+PIECES, TRAINER_SPEC, NORMALIZER_SPEC, DENORMALIZER_SPEC = 1, 2, 3, 5  # ModelProto
+PIECE, SCORE, TYPE = 1, 2, 3  # ModelProto.SentencePiece
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # SentencePiece.Type
+MODEL_TYPE, TREAT_WHITESPACE_AS_SUFFIX, BYTE_FALLBACK = 3, 24, 35  # TrainerSpec
+MODEL_TYPES = {1: "unigram", 2: "BPE", 3: "word", 4: "char"}  # TrainerSpec.ModelType
+RULES_NAME, CHARSMAP, ADD_DUMMY_PREFIX, REMOVE_EXTRA_WHITESPACES, ESCAPE_WHITESPACES = 1, 2, 3, 4, 5  # NormalizerSpec
+
+
+def read_varint(data: bytes, i: int) -> tuple[int, int]:
+    """The varint at data[i] and the index after it: 7 bits a byte, lowest first, top bit set if more follow."""
+    value = shift = 0
+    while True:
+        byte = data[i]
+        value |= (byte & 0x7F) << shift
+        i, shift = i + 1, shift + 7
+        if byte < 0x80:
+            return value, i
+
+
+def proto_fields(data: bytes) -> list[tuple[int, int | bytes]]:
+    """One protobuf message as (field number, value) in file order: a varint (wire type 0: ints, bools,
+    enums) as an int; a length-delimited field (2: strings, bytes, messages) or a fixed-size one (1: 64
+    bits, 5: 32 bits, a float) as its bytes. It reads files sentencepiece has loaded (hf_tokenizer):
+    they are whole, so nothing here checks for a cut."""
+    fields, i = [], 0
+    while i < len(data):
+        key, i = read_varint(data, i)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = read_varint(data, i)
+        else:
+            size, i = read_varint(data, i) if wire == 2 else ({1: 8, 5: 4}[wire], i)
+            value, i = data[i:i + size], i + size
+        fields.append((number, value))
+    return fields
+
+
+def sentencepiece_proto(path: Path) -> tuple[list[tuple[str, float, int]], dict[int, dict]]:
+    """tokenizer.model -> each piece's (text, score, type), and its specs (TRAINER_SPEC, ...), each a
+    dict of fields by number; a field left out has proto2's default, which the reader gives to .get()."""
+    model = proto_fields(path.read_bytes())
+    pieces = []
+    for number, value in model:
+        if number == PIECES:
+            piece = dict(proto_fields(value))
+            score = struct.unpack("<f", piece.get(SCORE, bytes(4)))[0]  # a little-endian float32
+            pieces.append((piece[PIECE].decode(), score, piece.get(TYPE, NORMAL)))
+    return pieces, {number: dict(proto_fields(value)) for number, value in model if number != PIECES}
+
+
+def check_exportable(path: Path, pieces: list[tuple[str, float, int]], specs: dict[int, dict]):
+    """Refuse, in one line, a sentencepiece model whose ids tokenizer.json would not reproduce exactly.
+
+    What exports is LLaMA's kind (Meta's tokenizer, data/tokenizer.model): BPE; the text kept as it is
+    (no normalization or decoding rules, spaces neither collapsed nor moved to the end of a piece);
+    byte fallback, so that no character is unknown; no user-defined pieces (sentencepiece matches them
+    before merging) and no unused ones (it splits them again).
+    """
+    trainer, normalizer = specs.get(TRAINER_SPEC, {}), specs.get(NORMALIZER_SPEC, {})
+    model_type = MODEL_TYPES.get(trainer.get(MODEL_TYPE, 1), "unknown")
+    unsupported = {
+        f"a {model_type} model": model_type != "BPE",
+        f"normalization rules ({normalizer.get(RULES_NAME, b'').decode()})": bool(normalizer.get(CHARSMAP)),
+        "decoding rules": bool(specs.get(DENORMALIZER_SPEC, {}).get(CHARSMAP)),
+        "remove_extra_whitespaces": normalizer.get(REMOVE_EXTRA_WHITESPACES, True),
+        "spaces not escaped as a '▁' prefix": not normalizer.get(ESCAPE_WHITESPACES, True)
+                                              or trainer.get(TREAT_WHITESPACE_AS_SUFFIX, False),
+        "no byte fallback": not trainer.get(BYTE_FALLBACK, False),
+        "user-defined or unused pieces": any(kind in (USER_DEFINED, UNUSED) for _, _, kind in pieces),
+    }
+    found = [what for what, present in unsupported.items() if present]
+    if found:
+        raise ValueError(f"{path}: {', '.join(found)}: tokenizer.json would not give sentencepiece's ids; "
+                         f"only LLaMA's kind exports (BPE, identity normalization, byte fallback)")
+
+
+def bpe_merges(pieces: list[tuple[str, float, int]]) -> list[list[str]]:
+    """sentencepiece's BPE as tokenizers' list of merges.
+
+    sentencepiece encodes by merging, again and again, the adjacent pair whose concatenation is the
+    normal piece of highest score; tokenizers merges the adjacent pair that comes first in its list.
+    So the list holds every (left, right) of normal pieces that concatenate to a normal piece, by that
+    piece's score, best first. No merge makes a control, unknown or byte piece, as none does in
+    sentencepiece: a literal "<s>" in the text stays the pieces of "<", "s" and ">".
+    Between equal scores sentencepiece takes the leftmost pair, which a list cannot say. Meta's only
+    ties are its runs of spaces ("▁▁" to 16 of them, all -1e9), which come out as sentencepiece's in
+    the order of their ids, as here, or the reverse (tests/test_convert.py checks 1 to 40 spaces).
+    """
+    normal = {piece: i for i, (piece, _, kind) in enumerate(pieces) if kind == NORMAL}
+    merges = sorted((-pieces[i][1], i, piece[:k], piece[k:]) for piece, i in normal.items()
+                    for k in range(1, len(piece)) if piece[:k] in normal and piece[k:] in normal)
+    return [[left, right] for _, _, left, right in merges]
+
+
+def tokenizer_json(path: Path, bos_id: int, eot: bool) -> dict:
+    """tokenizer.json for this sentencepiece model: its pieces under their ids, its merges, its text
+    handling, and (eot: a fine-tuned model) LIMA's EOT as one more token after the pieces.
+
+    sentencepiece's text handling in tokenizers' steps: a "▁" before the text (the dummy prefix) and
+    every space as "▁" (the normalizer); BOS before the ids (the post-processor); when decoding, "▁"
+    back to a space, byte pieces back to UTF-8, then the dummy prefix's space dropped (the decoder).
+    The control pieces and EOT are added special tokens, which tokenizers finds in the text before
+    anything else unless told not to (see hf_tokenizer); normalizing the text between them on its
+    own gives each part its dummy prefix, so "u1<EOT>a1" encodes as data.py's conversations do.
+    """
+    pieces, specs = sentencepiece_proto(path)
+    check_exportable(path, pieces, specs)
+    dummy_prefix = specs.get(NORMALIZER_SPEC, {}).get(ADD_DUMMY_PREFIX, True)
+    specials = [(i, piece) for i, (piece, _, kind) in enumerate(pieces) if kind in (UNKNOWN, CONTROL)]
+    bos = pieces[bos_id][0]
+    template = [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}]
+    return {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [dict(id=i, content=piece, single_word=False, lstrip=False, rstrip=False, normalized=False,
+                              special=True) for i, piece in specials + [(len(pieces), EOT)] * eot],
+        "normalizer": {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"}] * dummy_prefix
+                       + [{"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
+        "pre_tokenizer": None,  # sentencepiece merges across the whole text: no splitting into words first
+        "post_processor": {"type": "TemplateProcessing", "single": template,  # a pair: BOS A BOS B, as HF's LLaMA
+                           "pair": template + [{"SpecialToken": {"id": bos, "type_id": 1}},
+                                               {"Sequence": {"id": "B", "type_id": 1}}],
+                           "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}}},
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"}, {"type": "Fuse"}]
+            + [{"type": "Strip", "content": " ", "start": 1, "stop": 0}] * dummy_prefix},
+        # ignore_merges off: sentencepiece has no shortcut for a text that is one piece as a whole
+        "model": {"type": "BPE", "dropout": None, "unk_token": next(p for p, _, kind in pieces if kind == UNKNOWN),
+                  "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": False,
+                  "byte_fallback": True, "ignore_merges": False,
+                  "vocab": {piece: i for i, (piece, _, _) in enumerate(pieces)}, "merges": bpe_merges(pieces)},
+    }
+
+
 def hf_tokenizer(tokenizer: Path, vocab_size: int, max_seq_len: int) -> tuple[dict[str, dict], int, int]:
     """HF's tokenizer and generation files for this sentencepiece model; the bos and eos ids.
 
     A fine-tuned model has one row more than the tokenizer has pieces: LIMA's EOT (data.py), which
     becomes an added special token with that id. The model ends every answer with it and never learnt
     to write </s>, so EOT is its eos token, for the tools that stop at the tokenizer's or the config's.
+
+    transformers 5 reads tokenizer.json as it is written only under its generic class,
+    PreTrainedTokenizerFast: its LlamaTokenizer rebuilds the text handling, and loses a leading space.
+    split_special_tokens keeps "<s>", "</s>", "<unk>" and "<EOT>" written in a text as text, as
+    sentencepiece and data.py read them, so that the ids are sentencepiece's for every text; a call
+    with split_special_tokens=False reads them as the special tokens, to write LIMA's turns as text.
     """
     sp = sentencepiece_model(tokenizer)
     n = sp.get_piece_size()
     if vocab_size not in (n, n + 1):
         raise ValueError(f"{tokenizer}: {n} pieces, but the model has {vocab_size} embedding rows; "
                          f"expected {n} (a base model) or {n + 1} (fine-tuned, with {EOT})")
-    pieces, eos_id = {i: sp.id_to_piece(i) for i in (sp.unk_id(), sp.bos_id(), sp.eos_id())}, sp.eos_id()
-    if vocab_size == n + 1:
-        pieces[n], eos_id = EOT, n
-    specials = dict(unk_token=pieces[sp.unk_id()], bos_token=pieces[sp.bos_id()], eos_token=pieces[eos_id])
-    added = {str(i): dict(content=p, lstrip=False, normalized=False, rstrip=False, single_word=False, special=True)
-             for i, p in pieces.items()}
-    tokenizer_config = dict(tokenizer_class="LlamaTokenizer", add_bos_token=True, add_eos_token=False, **specials,
-                            added_tokens_decoder=added, model_max_length=max_seq_len,
-                            clean_up_tokenization_spaces=False, legacy=True)  # legacy: as Meta's sentencepiece
+    eot = vocab_size == n + 1
+    tokens = tokenizer_json(tokenizer, sp.bos_id(), eot)
+    eos_id = n if eot else sp.eos_id()
+    piece = {t["id"]: t["content"] for t in tokens["added_tokens"]}
+    specials = dict(unk_token=piece[sp.unk_id()], bos_token=piece[sp.bos_id()], eos_token=piece[eos_id])
+    added = {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in tokens["added_tokens"]}
+    tokenizer_config = dict(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=True, add_eos_token=False,
+                            **specials, added_tokens_decoder=added, split_special_tokens=True,
+                            model_max_length=max_seq_len, clean_up_tokenization_spaces=False)
     # generate() stops at any id of a list: at EOT, and at </s> too should the model still write it.
     stop = sp.eos_id() if eos_id == sp.eos_id() else [eos_id, sp.eos_id()]
-    files = {"tokenizer_config.json": tokenizer_config, "special_tokens_map.json": specials,
+    files = {"tokenizer.json": tokens, "tokenizer_config.json": tokenizer_config, "special_tokens_map.json": specials,
              "generation_config.json": dict(bos_token_id=sp.bos_id(), eos_token_id=stop)}
     return files, sp.bos_id(), eos_id
 

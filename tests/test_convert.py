@@ -6,6 +6,7 @@ independently of convert.py: Meta's model-parallel split and HF's names and q/k 
 
 import io
 import json
+import math
 import os
 import random
 import subprocess
@@ -17,6 +18,7 @@ import sentencepiece
 import torch
 
 import convert
+import data
 from model import ModelArgs, Transformer, apply_rotary_emb, precompute_freqs_cis
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -236,11 +238,76 @@ def test_hf_permutation_makes_rotate_half_rope_equal_to_meta_pairs():
 
 # ---- Hugging Face out ----
 
+# tokenizer.json is written only for LLaMA's kind of sentencepiece model (convert.check_exportable),
+# which the 64-piece test tokenizer is not (it normalizes, and has no byte fallback): the export
+# tests use the project's own, and Meta's where this machine has it (its licence keeps it out of
+# the repository).
+DEMO_TOKENIZER = ROOT / "data" / "tokenizer.model"  # BPE, 1,024 pieces, byte fallback, as Meta's
+DEMO_PIECES = 1024
+META_TOKENIZER = Path("/work/shared/tokenizers/llama/tokenizer.model")  # 32,000 pieces
+
+# Texts on which HF's own Llama tokenizers have given other ids than sentencepiece's, or could:
+# spaces that lead or run, indentation, the special tokens' names written as text (sentencepiece
+# reads them as text), characters outside the vocabulary (byte pieces), digits, nothing at all.
+DRIFT_CASES = [" hello", "a  b   c", "def f():\n    return 1\n\tx", "<s>", "</s>", "<unk>", "<EOT>",
+               "x<s>y</s>z", "hot tea<EOT>", "naïve café, Ωμέγα, 日本語 🙂 𝄞 \U0001fae0", "1234567 + 3.14159",
+               "", "\n", "a\n\nb\n", " ", "   ", "  both ends  ", "tab\tand\r\nCRLF"]
+# Meta's whitespace pieces ("▁▁" ... 16 of them) all score -1e9: convert.bpe_merges breaks the tie.
+SPACE_RUNS = [f"a{' ' * k}b" for k in range(1, 41)] + [" " * k for k in range(1, 41)] + \
+             [f"x\n{' ' * k}y" for k in range(1, 41)]
+
+
+def varied_texts(count: int = 300, seed: int = 0) -> list[str]:
+    """Real text (slices of the demo conversations, data/demo/*.jsonl) and random strings: ASCII,
+    runs of spaces, tabs and newlines, digits, and characters from anywhere in Unicode, seeded."""
+    rng = random.Random(seed)
+    turns = [turn for path in sorted((ROOT / "data" / "demo").glob("*.jsonl"))
+             for line in path.read_text().splitlines() for turn in json.loads(line)["conversations"]]
+    texts = []
+    for _ in range(count // 2):
+        turn = rng.choice(turns)
+        start = rng.randrange(len(turn))
+        texts.append(turn[start:start + rng.randrange(1, 160)])
+    ascii_ = "abcdefghijklmnopqrstuvwxyz ABC XYZ 0123456789 .,;:!?'\"()[]{}<>/\\-_=+*&^%$#@~`|"
+    for _ in range(count - count // 2):
+        chars = []
+        for _ in range(rng.randrange(1, 40)):
+            kind = rng.random()
+            if kind < 0.6:
+                chars.append(rng.choice(ascii_))
+            elif kind < 0.8:
+                chars.append(rng.choice([" ", "  ", "    ", "\t", "\n", "\n\n", "\r"]))
+            else:  # any code point past ASCII but a surrogate, which UTF-8 cannot hold
+                code = rng.randrange(0x80, 0x30000 - 0x800)
+                chars.append(chr(code + 0x800 if code >= 0xD800 else code))
+        texts.append("".join(chars))
+    return texts
+
+
+@pytest.fixture(scope="module", params=["demo", "meta"])
+def llama_tokenizer(request) -> Path:
+    """The project's tokenizer, then Meta's (skipped where this machine does not have it)."""
+    if request.param == "meta" and not META_TOKENIZER.is_file():
+        pytest.skip(f"{META_TOKENIZER}: not on this machine")
+    return DEMO_TOKENIZER if request.param == "demo" else META_TOKENIZER
+
+
+@pytest.fixture(scope="module")
+def exported(llama_tokenizer, tmp_path_factory) -> Path:
+    """A small fine-tuned model (with EOT) on llama_tokenizer, exported by convert.py --to-hf."""
+    n = sentencepiece.SentencePieceProcessor(model_file=str(llama_tokenizer)).get_piece_size()
+    args = make_args(vocab_size=n + 1)
+    root = tmp_path_factory.mktemp("export")
+    src = write_converted(random_weights(args, dtype=torch.float32), args, root / "lima", llama_tokenizer)
+    convert.to_hf(src, root / "hf")
+    return root / "hf"
+
+
 @pytest.mark.parametrize("eot", [True, False], ids=["fine-tuned", "base"])
-def test_to_hf_then_back_is_the_identity(tmp_path, tokenizer, eot):
-    args = make_args(vocab_size=N_PIECES + eot)
+def test_to_hf_then_back_is_the_identity(tmp_path, eot):
+    args = make_args(vocab_size=DEMO_PIECES + eot)
     weights = random_weights(args)
-    src = write_converted(weights, args, tmp_path / "lima", tokenizer)
+    src = write_converted(weights, args, tmp_path / "lima", DEMO_TOKENIZER)
     # Files of ~40 KB, so that HF's index of several files is exercised.
     convert.to_hf(src, tmp_path / "hf", max_file_bytes=40_000)
     hf = tmp_path / "hf"
@@ -255,14 +322,113 @@ def test_to_hf_then_back_is_the_identity(tmp_path, tokenizer, eot):
     config = json.loads((hf / "config.json").read_text())
     tok_config = json.loads((hf / "tokenizer_config.json").read_text())
     generation = json.loads((hf / "generation_config.json").read_text())
+    added = [(t["id"], t["content"]) for t in json.loads((hf / "tokenizer.json").read_text())["added_tokens"]]
     if eot:  # EOT is an added special token with id = the number of pieces, and generation stops at it
-        assert tok_config["added_tokens_decoder"][str(N_PIECES)]["content"] == "<EOT>"
-        assert tok_config["added_tokens_decoder"][str(N_PIECES)]["special"]
-        assert tok_config["eos_token"] == "<EOT>" and config["eos_token_id"] == N_PIECES
-        assert generation["eos_token_id"] == [N_PIECES, 2]
+        assert tok_config["added_tokens_decoder"][str(DEMO_PIECES)]["content"] == "<EOT>"
+        assert tok_config["added_tokens_decoder"][str(DEMO_PIECES)]["special"]
+        assert tok_config["eos_token"] == "<EOT>" and config["eos_token_id"] == DEMO_PIECES
+        assert generation["eos_token_id"] == [DEMO_PIECES, 2]
+        assert added == [(0, "<unk>"), (1, "<s>"), (2, "</s>"), (DEMO_PIECES, "<EOT>")]
     else:
-        assert str(N_PIECES) not in tok_config["added_tokens_decoder"]
+        assert str(DEMO_PIECES) not in tok_config["added_tokens_decoder"]
         assert tok_config["eos_token"] == "</s>" and generation["eos_token_id"] == 2
+        assert added == [(0, "<unk>"), (1, "<s>"), (2, "</s>")]
+
+
+def test_tokenizer_json_holds_sentencepiece_pieces_and_merges(llama_tokenizer):
+    """Checked against SentencePieceProcessor, not the model file convert.py reads: the vocabulary
+    is sentencepiece's ids, every merge makes a normal piece of two normal ones, best score first,
+    and every normal piece longer than one character can be made; EOT comes after the pieces."""
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(llama_tokenizer))
+    n = sp.get_piece_size()
+    tokens = convert.hf_tokenizer(llama_tokenizer, n + 1, 2048)[0]["tokenizer.json"]
+    assert tokens["model"]["vocab"] == {sp.id_to_piece(i): i for i in range(n)}
+    assert [(t["id"], t["content"], t["special"]) for t in tokens["added_tokens"]] == \
+        [(sp.unk_id(), "<unk>", True), (sp.bos_id(), "<s>", True), (sp.eos_id(), "</s>", True), (n, "<EOT>", True)]
+    normal = {sp.id_to_piece(i) for i in range(n)
+              if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or sp.is_unused(i))}
+    merges = [tuple(m) for m in tokens["model"]["merges"]]
+    assert len(set(merges)) == len(merges)
+    assert all(left in normal and right in normal and left + right in normal for left, right in merges)
+    scores = [sp.get_score(sp.piece_to_id(left + right)) for left, right in merges]
+    assert scores == sorted(scores, reverse=True)
+    assert {left + right for left, right in merges} == {p for p in normal if len(p) > 1}
+
+
+def replay_bpe(tokens: dict, text: str) -> list[int]:
+    """tokenizer.json applied by hand, as the tokenizers library applies it, special tokens read as
+    text: sentencepiece's normalization ("▁" before the text, every space a "▁"), the characters
+    merged pair by pair (the pair first in the merges; the leftmost of those), BOS before, and a
+    piece not in the vocabulary (a character it lacks) as the byte pieces of its UTF-8."""
+    vocab = tokens["model"]["vocab"]
+    rank = {tuple(pair): r for r, pair in enumerate(tokens["model"]["merges"])}
+    symbols = list("▁" + text.replace(" ", "▁")) if text else []
+    while len(symbols) > 1:
+        best, i = min((rank.get(pair, math.inf), i) for i, pair in enumerate(zip(symbols, symbols[1:])))
+        if best == math.inf:
+            break
+        symbols[i:i + 2] = [symbols[i] + symbols[i + 1]]
+    return [vocab["<s>"]] + [i for s in symbols
+                             for i in ([vocab[s]] if s in vocab else [vocab[f"<0x{b:02X}>"] for b in s.encode()])]
+
+
+def test_tokenizer_json_gives_sentencepiece_ids_without_hf_libraries(llama_tokenizer):
+    """Needs neither tokenizers nor transformers: the merges, replayed, give sentencepiece's ids."""
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(llama_tokenizer))
+    tokens = convert.hf_tokenizer(llama_tokenizer, sp.get_piece_size() + 1, 2048)[0]["tokenizer.json"]
+    for text in DRIFT_CASES + SPACE_RUNS + varied_texts(100, seed=1):
+        assert replay_bpe(tokens, text) == [sp.bos_id()] + sp.encode(text), repr(text)
+
+
+def hf_codec(hf: Path, library: str):
+    """(encode, decode) through tokenizers' Tokenizer.from_file or transformers' AutoTokenizer.
+
+    tokenizers reads the special tokens' names in a text as the special tokens unless
+    encode_special_tokens is set, which tokenizer.json cannot hold: tokenizer_config.json's
+    split_special_tokens sets it for transformers, and here it is set by hand."""
+    if library == "tokenizers":
+        tokenizers = pytest.importorskip("tokenizers")
+        tok = tokenizers.Tokenizer.from_file(str(hf / "tokenizer.json"))
+        tok.encode_special_tokens = True
+        return (lambda text: tok.encode(text).ids), (lambda ids: tok.decode(ids, skip_special_tokens=True))
+    transformers = pytest.importorskip("transformers")
+    tok = transformers.AutoTokenizer.from_pretrained(hf)
+    return (lambda text: tok(text)["input_ids"]), (lambda ids: tok.decode(ids, skip_special_tokens=True))
+
+
+@pytest.mark.parametrize("library", ["tokenizers", "transformers"])
+def test_hf_tokenizer_gives_sentencepiece_ids(exported, llama_tokenizer, library):
+    """sentencepiece's ids (and BOS) for the texts where HF's Llama tokenizers drift and for a few
+    hundred others; decoding (skip_special_tokens) gives sentencepiece's text, so the text back."""
+    encode, decode = hf_codec(exported, library)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(llama_tokenizer))
+    for text in DRIFT_CASES + SPACE_RUNS + varied_texts():
+        ids = [sp.bos_id()] + sp.encode(text)
+        assert encode(text) == ids, repr(text)
+        assert decode(ids) == sp.decode(ids), repr(text)
+    for text in DRIFT_CASES + SPACE_RUNS:
+        assert decode(encode(text)) == text, repr(text)
+
+
+def test_to_hf_refuses_a_tokenizer_it_cannot_reproduce(tmp_path, tokenizer, capsys):
+    """The 64-piece test tokenizer normalizes (nmt_nfkc, sentencepiece's default) and has no byte
+    fallback; a unigram model is not BPE: one line each, naming the file, and nothing written."""
+    args = make_args(vocab_size=N_PIECES)
+    src = write_converted(random_weights(args), args, tmp_path / "lima", tokenizer)
+    err = fails(["--to-hf", src, tmp_path / "hf"], capsys)
+    assert f"{src / 'tokenizer.model'}: normalization rules (nmt_nfkc), remove_extra_whitespaces, " \
+           f"no byte fallback: tokenizer.json would not give sentencepiece's ids" in err
+    unigram = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter((ROOT / "data" / "demo" / "train.jsonl").read_text().splitlines()),
+        model_writer=unigram, model_type="unigram", vocab_size=400, byte_fallback=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2)
+    (src / "tokenizer.model").write_bytes(unigram.getvalue())
+    args = make_args(vocab_size=400)
+    write_converted(random_weights(args), args, tmp_path / "unigram", src / "tokenizer.model")
+    err = fails(["--to-hf", tmp_path / "unigram", tmp_path / "hf"], capsys)
+    assert "tokenizer.model: a unigram model: tokenizer.json would not give" in err
+    assert not (tmp_path / "hf").exists()
 
 
 def test_to_hf_refuses_a_vocabulary_that_does_not_fit_the_tokenizer(tmp_path, tokenizer, capsys):
@@ -272,12 +438,13 @@ def test_to_hf_refuses_a_vocabulary_that_does_not_fit_the_tokenizer(tmp_path, to
     assert "64 pieces, but the model has 72 embedding rows" in err and not (tmp_path / "hf").exists()
 
 
-def test_to_hf_with_transformers(tmp_path, tokenizer):
-    """If transformers is installed: it loads the export and computes our logits; it knows EOT."""
+def test_to_hf_with_transformers(tmp_path):
+    """If transformers is installed: it loads the export and computes our logits; it knows EOT;
+    it reads tokenizer.json as written (no conversion of tokenizer.model)."""
     transformers = pytest.importorskip("transformers")
-    args = make_args(vocab_size=N_PIECES + 1)
+    args = make_args(vocab_size=DEMO_PIECES + 1)
     weights = random_weights(args, dtype=torch.float32)
-    src = write_converted(weights, args, tmp_path / "lima", tokenizer)
+    src = write_converted(weights, args, tmp_path / "lima", DEMO_TOKENIZER)
     convert.to_hf(src, tmp_path / "hf")
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     ours = Transformer.from_pretrained(src)
@@ -285,8 +452,18 @@ def test_to_hf_with_transformers(tmp_path, tokenizer):
     with torch.no_grad():
         torch.testing.assert_close(hf_model(tokens).logits, ours(tokens), atol=1e-4, rtol=1e-4)
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
-    assert hf_tokenizer.convert_tokens_to_ids("<EOT>") == N_PIECES == hf_tokenizer.eos_token_id
-    assert hf_tokenizer("hot tea<EOT>")["input_ids"][-1] == N_PIECES  # one token, never split
+    written = json.loads((tmp_path / "hf" / "tokenizer.json").read_text())
+    loaded = json.loads(hf_tokenizer.backend_tokenizer.to_str())
+    for part in ("added_tokens", "normalizer", "pre_tokenizer", "post_processor", "decoder", "model"):
+        assert loaded[part] == written[part], part
+    assert hf_tokenizer.convert_tokens_to_ids("<EOT>") == DEMO_PIECES == hf_tokenizer.eos_token_id
+    # "<EOT>" in a text is text, as for sentencepiece; read as the special token on request, it is
+    # one token, and LIMA's turns written out encode as data.py's Tokenizer encodes them.
+    assert DEMO_PIECES not in hf_tokenizer("hot tea<EOT>")["input_ids"]
+    assert hf_tokenizer("hot tea<EOT>", split_special_tokens=False)["input_ids"][-1] == DEMO_PIECES
+    turns = ["How do I brew green tea?", " Water at 80 C,\n  two minutes.", "And black tea?"]
+    assert hf_tokenizer("<EOT>".join(turns) + "<EOT>", split_special_tokens=False)["input_ids"] == \
+        data.Tokenizer(DEMO_TOKENIZER).encode_dialog(turns)
 
 
 # ---- errors: one line, exit status 2, nothing written ----
