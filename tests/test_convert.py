@@ -252,7 +252,8 @@ META_TOKENIZER = Path("/work/shared/tokenizers/llama/tokenizer.model")  # 32,000
 DRIFT_CASES = [" hello", "a  b   c", "def f():\n    return 1\n\tx", "<s>", "</s>", "<unk>", "<EOT>",
                "x<s>y</s>z", "hot tea<EOT>", "naïve café, Ωμέγα, 日本語 🙂 𝄞 \U0001fae0", "1234567 + 3.14159",
                "", "\n", "a\n\nb\n", " ", "   ", "  both ends  ", "tab\tand\r\nCRLF"]
-# Meta's whitespace pieces ("▁▁" ... 16 of them) all score -1e9: convert.bpe_merges breaks the tie.
+# Meta's whitespace pieces ("▁▁" ... 16 of them) all score -1e9: sentencepiece merges such ties by
+# position, a merge list by rank (convert.bpe_merges).
 SPACE_RUNS = [f"a{' ' * k}b" for k in range(1, 41)] + [" " * k for k in range(1, 41)] + \
              [f"x\n{' ' * k}y" for k in range(1, 41)]
 
