@@ -498,6 +498,9 @@ def tokenizer_json(path: Path, bos_id: int, eot: bool) -> dict:
     The control pieces and EOT are added special tokens, which tokenizers finds in the text before
     anything else unless told not to (see hf_tokenizer); normalizing the text between them on its
     own gives each part its dummy prefix, so "u1<EOT>a1" encodes as data.py's conversations do.
+    Decoding differs from sentencepiece's only on ids that no text encodes to: a run of byte pieces
+    that is not UTF-8 (U+FFFD for each of its bytes, where sentencepiece writes it for the bad ones),
+    a space's byte piece first (its space is dropped), <unk> (sentencepiece writes " ⁇ ").
     """
     pieces, specs = sentencepiece_proto(path)
     check_exportable(path, pieces, specs)
