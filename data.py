@@ -12,7 +12,9 @@ Remake the demo's tokenizer (data/tokenizer.model) from data/demo/train.jsonl:
 The format is LIMA's: one JSON object per line, {"conversations": [user, assistant, user, ...],
 "source": "..."}. Training conversations end with an answer; a prompt file for generation may end
 with a user turn. A conversation becomes BOS u1 EOT a1 EOT u2 EOT a2 EOT ..., and only the
-answers (each with its closing EOT) are trained.
+answers (each with its closing EOT) are trained. A training file may also hold plain text,
+{"text": "..."}: pretraining, as the demo's base model learns (data/make_demo.py). It becomes
+BOS text EOS, every token trained, as in LLaMA's pretraining; no EOT, which only fine-tuning uses.
 """
 
 import argparse
@@ -96,8 +98,10 @@ class Tokenizer:
 
 # ---- reading LIMA's jsonl ----
 
-def load_conversations(path, require_answer=True) -> list[dict]:
-    """Read and check a LIMA jsonl file; any problem is a DataError naming the file and line."""
+def load_conversations(path, require_answer=True, allow_text=False) -> list[dict]:
+    """Read and check a LIMA jsonl file; any problem is a DataError naming the file and line.
+
+    allow_text: plain-text records ({"text": ...}) are accepted too (training files only)."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -106,14 +110,15 @@ def load_conversations(path, require_answer=True) -> list[dict]:
     records = []
     for n, line in enumerate(raw.split(b"\n"), 1):  # bytes, so bad UTF-8 is found line by line
         if line.strip():  # blank lines hold no conversation (a trailing newline, say)
-            records.append(check_record(line, f"{path}:{n}", require_answer))
+            records.append(check_record(line, f"{path}:{n}", require_answer, allow_text))
     if not records:
         raise DataError(f"{path}: empty file, no conversations")
     return records
 
 
-def check_record(line: bytes, where: str, require_answer: bool) -> dict:
-    """One parsed and checked line: {"conversations": [str, ...], "source": str, ...}."""
+def check_record(line: bytes, where: str, require_answer: bool, allow_text: bool = False) -> dict:
+    """One parsed and checked line: {"conversations": [str, ...], "source": str, ...}, or with
+    allow_text {"text": str, ...}."""
     try:
         record = json.loads(line.decode("utf-8"))
     except UnicodeDecodeError as e:
@@ -122,6 +127,12 @@ def check_record(line: bytes, where: str, require_answer: bool) -> dict:
         raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {JSON_TYPES[type(record)]}")
+    if "text" in record and "conversations" not in record:
+        if not allow_text:
+            raise DataError(f'{where}: a "text" record (plain text, for pretraining) where a conversation '
+                            f'is needed: "conversations": [user, assistant, ...]')
+        check_text(record["text"], where, '"text"')
+        return record
     if "conversations" not in record:
         raise DataError(f'{where}: missing "conversations"')
     turns = record["conversations"]
@@ -131,20 +142,24 @@ def check_record(line: bytes, where: str, require_answer: bool) -> dict:
         raise DataError(f'{where}: "conversations" is empty')
     for n, turn in enumerate(turns):
         field = f'"conversations"[{n}] ({"user" if n % 2 == 0 else "assistant"})'
-        if not isinstance(turn, str):
-            raise DataError(f"{where}: {field} must be a string, got {JSON_TYPES[type(turn)]}")
-        if not turn.strip():
-            raise DataError(f"{where}: {field} is empty")
-        try:
-            turn.encode("utf-8")  # fails on a lone surrogate like "\ud800": valid JSON, but not text
-        except UnicodeEncodeError:
-            raise DataError(f"{where}: {field} holds an unpaired surrogate escape, not text") from None
+        check_text(turn, where, field)
     if require_answer and len(turns) % 2 == 1:
         raise DataError(f"{where}: ends with a user turn ({len(turns)} turns); a training "
                         f"conversation must end with the assistant's answer")
     if not isinstance(record.get("source", ""), str):
         raise DataError(f'{where}: "source" must be a string, got {JSON_TYPES[type(record["source"])]}')
     return record
+
+
+def check_text(text, where: str, field: str):
+    if not isinstance(text, str):
+        raise DataError(f"{where}: {field} must be a string, got {JSON_TYPES[type(text)]}")
+    if not text.strip():
+        raise DataError(f"{where}: {field} is empty")
+    try:
+        text.encode("utf-8")  # fails on a lone surrogate like "\ud800": valid JSON, but not text
+    except UnicodeEncodeError:
+        raise DataError(f"{where}: {field} holds an unpaired surrogate escape, not text") from None
 
 
 # ---- tokens and labels ----
@@ -164,6 +179,24 @@ def tokenize_conversation(tok: Tokenizer, turns: list[str], max_len: int = 2048,
     ids, in_answer = ids[:max_len + 1], in_answer[:max_len + 1]
     targets = [t if train_on_prompt or answer else IGNORE for t, answer in zip(ids[1:], in_answer[1:])]
     return ids[:-1], targets, trimmed
+
+
+def tokenize_text(tok: Tokenizer, text: str, max_len: int = 2048) -> tuple[list[int], list[int], bool]:
+    """(tokens, targets, trimmed) for plain text: BOS text EOS, every next token trained."""
+    ids = [tok.bos_id] + tok.encode(text) + [tok.eos_id]
+    trimmed = len(ids) > max_len + 1
+    ids = ids[:max_len + 1]
+    return ids[:-1], ids[1:], trimmed
+
+
+def tokenize_record(tok: Tokenizer, record: dict, max_len: int = 2048, train_on_prompt: bool = False):
+    """A training record, conversation or plain text, as (tokens, targets, trimmed, untrimmed length)."""
+    if "conversations" in record:
+        turns = record["conversations"]
+        tokens, targets, trimmed = tokenize_conversation(tok, turns, max_len, train_on_prompt)
+        return tokens, targets, trimmed, len(tok.encode_conversation(turns)[0]) - 1 if trimmed else len(tokens)
+    tokens, targets, trimmed = tokenize_text(tok, record["text"], max_len)
+    return tokens, targets, trimmed, len(tok.encode(record["text"])) + 1 if trimmed else len(tokens)
 
 
 @dataclass
@@ -188,12 +221,10 @@ class Dataset:
 def load_dataset(path, tok: Tokenizer, max_len: int = 2048, train_on_prompt: bool = False,
                  verbose: bool = True) -> Dataset:
     """Read, check and tokenize a training file once; prints the trimming report if verbose."""
-    conversations = load_conversations(path)
+    conversations = load_conversations(path, allow_text=True)
     examples = []
-    for record in tqdm(conversations, desc=f"tokenizing {path}", unit="conv", disable=not verbose, leave=False):
-        turns = record["conversations"]
-        tokens, targets, trimmed = tokenize_conversation(tok, turns, max_len, train_on_prompt)
-        n_full = len(tok.encode_conversation(turns)[0]) - 1 if trimmed else len(tokens)
+    for record in tqdm(conversations, desc=f"tokenizing {path}", unit="record", disable=not verbose, leave=False):
+        tokens, targets, trimmed, n_full = tokenize_record(tok, record, max_len, train_on_prompt)
         examples.append(dict(tokens=tokens, targets=targets, n_trained=sum(t != IGNORE for t in targets),
                              n_dropped=n_full - len(tokens)))
     dataset = Dataset(str(path), max_len, conversations, examples)
@@ -356,7 +387,8 @@ def least_paid(lengths: list[int], world_size: int) -> int:
 
 def summary(ds: Dataset, world_size: int, global_batch: int, max_tokens: int, seed: int) -> str:
     """Counts, trimming, the length distribution, and the batching plan's waste over epoch 0."""
-    turns = [len(c["conversations"]) for c in ds.conversations]
+    turns = [len(c["conversations"]) for c in ds.conversations if "conversations" in c]
+    n_texts = len(ds.conversations) - len(turns)
     sources = Counter(c.get("source", "(none)") for c in ds.conversations)
     full = np.array([len(e["tokens"]) + 1 + e["n_dropped"] for e in ds.examples])  # BOS ... last EOT
     positions = sum(len(e["tokens"]) for e in ds.examples)
@@ -365,7 +397,7 @@ def summary(ds: Dataset, world_size: int, global_batch: int, max_tokens: int, se
              ("mean", full.mean()), ("p90", np.percentile(full, 90)), ("max", full.max())]
     lines = [
         f"{ds.path}: {len(turns)} conversations ({sum(t > 2 for t in turns)} multi-turn), {sum(turns)} turns; "
-        f"sources: " + ", ".join(f"{k} {v}" for k, v in sorted(sources.items())),
+        + (f"{n_texts} plain texts; " if n_texts else "") + "sources: " + ", ".join(f"{k} {v}" for k, v in sorted(sources.items())),
         f"tokens: {full.sum():,} (BOS, then each utterance and its EOT); after trimming {positions:,} "
         f"training positions, {trained:,} of them trained ({trained / positions:.1%}: answers and their EOT)",
         ds.report(),

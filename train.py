@@ -25,7 +25,7 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Literal
@@ -51,11 +51,11 @@ from optim import AdamWBF16, local
 
 @dataclass
 class TrainConfig:
-    # What to train. --init is a directory written by convert.py; without it, a preset
-    # starts from random weights (the CPU demo: see DEMO below).
-    init: str = ""
-    preset: Literal[*CONFIGS] = "tiny"
-    tokenizer: str = "data/tokenizer.model"  # used without --init; a converted dir carries its own
+    # What to train. --init is a directory written by convert.py (params.json, model.pth,
+    # tokenizer.model); the default is the CPU demo's small pretrained base (data/make_demo.py).
+    init: str = "data/base"  # "": random weights of --preset, with --tokenizer
+    preset: Literal[*CONFIGS] = "tiny"  # the model's shape with --init ""
+    tokenizer: str = "data/tokenizer.model"  # with --init "" (a converted directory brings its own)
     data: str = "data/demo/train.jsonl"
     dev: str = "data/demo/dev.jsonl"  # dev loss after every epoch; "" to skip
     out: str = "out/demo"
@@ -91,10 +91,13 @@ class TrainConfig:
     gpu_gb: Annotated[float, Range(gt=0)] = 80.0  # memory of each planned GPU (--plan)
 
 
-# `python train.py` with no --init trains a tiny model from scratch, where LIMA's fine-tuning
-# learning rate (1e-5) would not move it visibly in a few minutes. These replace the recipe's
-# values only when --init is not given and the option is not set on the command line.
-DEMO = dict(global_batch=8, lr=3e-3, final_lr=3e-4, resid_dropout=0.1)
+# LIMA's values are for LLaMA 7B to 65B. A model of a few million parameters (the CPU demo's
+# base, or --preset tiny) does not learn the format from a few dozen conversations at lr 1e-5 in
+# the 15 steps that a batch of 64 gives: it needs larger steps, and more of them. For models under
+# TOY_PARAMS parameters these replace the recipe's values, unless set on the command line, and
+# train.py says so when they apply; every other value is the paper's.
+TOY_PARAMS = 100_000_000
+TOY = dict(global_batch=8, lr=3e-4, final_lr=3e-5)
 
 
 # ---- LIMA's schedule and loss, each with its reason ----
@@ -305,16 +308,18 @@ def check_init_vocab(init: Path, tokenizer: Tokenizer):
 
 
 def resolve_size_defaults(cfg: TrainConfig, args: ModelArgs) -> TrainConfig:
-    """Fill --global_batch 0 and --resid_dropout -1 from the model's size, as the paper does."""
-    with torch.device("meta"):
-        n_params = Transformer(args).num_params()
-    sized = lima_size_defaults(n_params)
-    if cfg.global_batch <= 0:
-        cfg.global_batch = sized["global_batch"]
-    if cfg.resid_dropout < 0:
-        cfg.resid_dropout = sized["resid_dropout"]
-    args.resid_dropout = cfg.resid_dropout
-    return cfg
+    """--global_batch 0 and --resid_dropout -1 filled from the model's size, as the paper does."""
+    sized = lima_size_defaults(memory.param_counts(args)[0])
+    return replace(cfg, global_batch=cfg.global_batch or sized["global_batch"],
+                   resid_dropout=sized["resid_dropout"] if cfg.resid_dropout < 0 else cfg.resid_dropout)
+
+
+def toy_overrides(cfg: TrainConfig, args: ModelArgs, given: set[str]) -> tuple[TrainConfig, dict]:
+    """TOY's values for a model under TOY_PARAMS, where not given: (the config, what changed)."""
+    if memory.param_counts(args)[0] >= TOY_PARAMS:
+        return cfg, {}
+    changed = {k: v for k, v in TOY.items() if k not in given and getattr(cfg, k) != v}
+    return replace(cfg, **changed), changed
 
 
 def build_model(cfg: TrainConfig, args: ModelArgs, device) -> Transformer:
@@ -504,6 +509,7 @@ def train(cfg: TrainConfig):
     tokenizer = Tokenizer(tokenizer_path)
     args = model_args(cfg, tokenizer)  # --init's params.json and vocabulary: checked before the data is read
     cfg = resolve_size_defaults(cfg, args)
+    args.resid_dropout = cfg.resid_dropout
     train_set = load_dataset(cfg.data, tokenizer, cfg.max_len, cfg.train_on_prompt, verbose=rank == 0)
     dev_set = load_dataset(cfg.dev, tokenizer, cfg.max_len, cfg.train_on_prompt, verbose=rank == 0) if cfg.dev else None
     found = (checkpoint.list_checkpoints(out) if cfg.resume == "auto" else [Path(cfg.resume)]) if cfg.resume else []
@@ -776,12 +782,19 @@ def main(argv):
     try:
         cfg, given = parse_config(TrainConfig, argv)
         if cfg.init and (ignored := [name for name in ("preset", "tokenizer") if name in given]):
+            if "init" not in given:
+                raise ValueError(f"--{ignored[0]} is for a model from random weights, but --init defaults "
+                                 f"to the demo's base ({cfg.init}): add --init \"\"")
             raise ValueError(f"--{ignored[0]} is for a model from random weights: --init {cfg.init} "
                              f"brings its own shape (params.json) and tokenizer.model")
         if cfg.plan:
             return print_plan(cfg)
-        if not cfg.init:  # the demo: a from-scratch model needs a from-scratch learning rate
-            cfg = TrainConfig(**{**asdict(cfg), **{k: v for k, v in DEMO.items() if k not in given}})
+        args = model_args(cfg, Tokenizer(Path(cfg.init) / "tokenizer.model" if cfg.init else cfg.tokenizer))
+        cfg, changed = toy_overrides(cfg, args, given)
+        if changed and os.environ.get("RANK", "0") == "0":
+            print(f"a model of {memory.param_counts(args)[0] / 1e6:.1f}M parameters, not LIMA's 7B to 65B: "
+                  + ", ".join(f"--{k} {v}" for k, v in changed.items())
+                  + " instead of the recipe's (train.py TOY says why; set them to choose)")
         check_choices(cfg)  # before anything is loaded
         train(cfg)
         shutdown_distributed()

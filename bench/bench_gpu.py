@@ -71,7 +71,7 @@ def sync(device):
 
 def bench(cfg: BenchConfig, ac: str, compiled: bool, device) -> list:
     args = replace(MODELS[cfg.model], max_seq_len=cfg.tokens)
-    tcfg = train.TrainConfig(ac=ac, compile=compiled, dtype=cfg.dtype, max_tokens=cfg.tokens, resid_dropout=0.0)
+    tcfg = train.TrainConfig(init="", ac=ac, compile=compiled, dtype=cfg.dtype, max_tokens=cfg.tokens, resid_dropout=0.0)
     model = train.build_model(tcfg, args, device)
     optimizer = train.build_optimizer(model, tcfg)
     g = torch.Generator().manual_seed(0)

@@ -89,10 +89,10 @@ def bench(cfg: BenchConfig, weights: str, in_backward: bool, device) -> tuple[li
     """One configuration's table row, and the bytes still allocated when it started."""
     release(device)
     held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-    args = replace(MODELS[cfg.model], max_seq_len=cfg.tokens)  # a copy: resolve_size_defaults sets its dropout
-    tcfg = train.TrainConfig(weights=weights, step_in_backward=str(in_backward).lower(), ac=cfg.ac,
+    tcfg = train.TrainConfig(init="", weights=weights, step_in_backward=str(in_backward).lower(), ac=cfg.ac,
                              dtype=cfg.dtype, max_tokens=cfg.tokens)
-    tcfg = train.resolve_size_defaults(tcfg, args)  # the top layer's dropout, whose masks are memory too
+    tcfg = train.resolve_size_defaults(tcfg, MODELS[cfg.model])  # the top layer's dropout, whose masks are memory too
+    args = replace(MODELS[cfg.model], max_seq_len=cfg.tokens, resid_dropout=tcfg.resid_dropout)  # a copy
     compute_bytes = 4 if cfg.dtype == "fp32" else 2
     planned = memory.plan(args, memory.Options(world_size=1, gpus_per_node=1, max_tokens=cfg.tokens, ac=cfg.ac,
                                                weights=weights, step_in_backward=in_backward,

@@ -112,6 +112,7 @@ def worker(cfg: BenchConfig):
         tcfg = train.TrainConfig(init=cfg.init)  # ac full, fp32 weights: train.py's defaults
         args = train.model_args(tcfg, Tokenizer(Path(cfg.init) / "tokenizer.model"))
         tcfg = train.resolve_size_defaults(tcfg, args)
+        args.resid_dropout = tcfg.resid_dropout
         model = train.build_model(tcfg, args, device)
         shard_bytes = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
     seconds = time.perf_counter() - t0

@@ -118,7 +118,7 @@ def padded(exs: list[dict], idxs: list[int]) -> dict:
 # ---- one arm, in its own process ----
 
 def train_config(cfg: BenchConfig, ac: str) -> train.TrainConfig:
-    return train.TrainConfig(ac=ac, max_len=cfg.max_len, max_tokens=cfg.max_tokens,
+    return train.TrainConfig(init="", ac=ac, max_len=cfg.max_len, max_tokens=cfg.max_tokens,
                              global_batch=cfg.global_batch, resid_dropout=0.0, dtype="fp32")
 
 
