@@ -6,7 +6,7 @@ Weights in and out: Meta's LLaMA release or a Hugging Face copy -> this project'
     python convert.py /path/to/llama/7B ckpt/llama-7b --dtype fp32  # cast on the way (default: keep the dtype)
     python convert.py --to-hf lima-65b hf/lima-65b                  # back to HF, to serve a fine-tuned model
 
-The converted format, read by model.Transformer.from_pretrained, train.py --init and sample.py:
+The converted format, read by checkpoint.load_model (sample.py, eval.py) and train.py --init:
     params.json      Meta's keys plus max_seq_len; vocab_size is the real number of embedding rows
     tokenizer.model  the sentencepiece model, copied
     model.pth        one torch.save'd dict of tensors under Meta's names, in the source's dtype;
@@ -39,9 +39,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from tqdm import tqdm
 
-from model import ModelArgs, Transformer, check_state_dict, load_weights_file, vocab_rows
+from model import DTYPES, ModelArgs, Transformer, check_state_dict, load_weights_file, vocab_rows
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 EOT = "<EOT>"  # LIMA's end-of-turn token, as data.py's Tokenizer names it: id = sentencepiece's size
 
 

@@ -524,14 +524,9 @@ def epoch_checkpoints(run) -> dict[int, Path]:
 
 
 def device_and_dtype(device: str, dtype: str):
-    import torch
-    from sample import DTYPES
-    device = device if device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise EvalError(f"--device {device}: no CUDA device is available here; use --device cpu")
-    if dtype not in (*DTYPES, "auto"):
-        raise EvalError(f"--dtype {dtype}: choose auto, {', '.join(DTYPES)}")
-    return device, DTYPES[dtype] if dtype != "auto" else torch.bfloat16 if device.startswith("cuda") else torch.float32
+    from model import resolve_device, resolve_dtype
+    device = resolve_device(device)
+    return device, resolve_dtype(dtype, device)
 
 
 def dev_loss(model, tok, conversations: list[list[str]], max_len: int) -> tuple[float, int]:
@@ -555,7 +550,7 @@ def dev_loss(model, tok, conversations: list[list[str]], max_len: int) -> tuple[
 def loss_table(run, dev, max_len=2048, device="auto", dtype="auto") -> list[dict]:
     """Dev loss and perplexity of every epoch checkpoint, printed and written to RUN/eval/dev_loss.jsonl."""
     from checkpoint import read_state
-    from sample import load_model
+    from checkpoint import load_model
     from data import load_conversations
     device, dtype = device_and_dtype(device, dtype)
     conversations = [r["conversations"] for r in load_conversations(dev, require_answer=True)]
@@ -597,7 +592,7 @@ def write_answers(run, dev, epochs: list[int], batch_size=8, max_tokens=2048, se
     penalty 1.2, stop at EOT), through its resumable file mode: an interrupted run goes on.
     """
     import sample
-    from sample import load_model
+    from checkpoint import load_model
     sample.read_prompts(dev)  # checked (not empty, ids unique) before any checkpoint is loaded
     device, dtype = device_and_dtype(device, dtype)
     found = epoch_checkpoints(run)

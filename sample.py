@@ -48,7 +48,7 @@ import checkpoint
 import tp
 from cli import Range, parse_config
 from data import DataError, Tokenizer, load_conversations
-from model import CacheSlots, Transformer
+from model import CacheSlots, Transformer, resolve_device, resolve_dtype
 
 
 @dataclass
@@ -79,7 +79,6 @@ class Config(Settings):
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 STOP_CHECK_EVERY = 8  # decode steps between looks for finished rows (each look waits for the device)
 
 
@@ -317,51 +316,6 @@ def generate(model: Transformer, prompts: list[list[int]], s: Settings, eot_id: 
     return answers
 
 
-# ---- loading ----
-
-def load_model(path, device="cpu", dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer]:
-    """A converted directory (params.json, model.pth, tokenizer.model) or a training
-    checkpoint (out/RUN/epoch-NN) -> (model, tokenizer).
-
-    The one place generation and evaluation read weights from. A converted model is loaded
-    memory-mapped on the CPU in the file's dtype (nothing is read yet), checked against the
-    tokenizer, then moved to device and dtype; with the defaults it stays mapped, which is what
-    tensor parallelism wants before sharding. A training checkpoint is reassembled from its
-    shards in this one process (checkpoint.load_model): fine for the demo and for reading a few
-    epochs; for 65B, export it once (checkpoint.py export) and load the result.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such checkpoint directory")
-    if not (path / "tokenizer.model").is_file():
-        raise FileNotFoundError(f"{path}: no tokenizer.model; expected a directory written by "
-                                f"convert.py, train.py or checkpoint.py export")
-    if checkpoint.has_sharded_weights(path):
-        model, tok = checkpoint.load_model(path)
-    else:
-        tok = Tokenizer(path / "tokenizer.model")
-        model = Transformer.from_pretrained(path, "cpu")
-    rows = model.args.vocab_size
-    if rows == tok.n_base:
-        # A base model, never fine-tuned: worth sampling as a baseline, so add the EOT row rather
-        # than refuse. The row is the vocabulary's mean (model.extend_vocab), never trained.
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            print(f"note: {path} has no EOT row (a base model?): added one; its answers will rarely "
-                  f"stop before the length limit", file=sys.stderr)
-        model.grow_vocab(1)
-    elif rows != tok.vocab_size:
-        raise ValueError(f"{path}: the tokenizer has {tok.n_base} pieces + EOT = {tok.vocab_size} "
-                         f"tokens but model.pth has {rows} embedding rows: they do not belong together")
-    return to_device(model, device, dtype), tok
-
-
-def to_device(model: Transformer, device, dtype: torch.dtype | None) -> Transformer:
-    """Move (and cast) the weights; the RoPE table is recomputed there so it stays float32."""
-    model.to(device=device, dtype=dtype)
-    model.init_buffers()
-    return model
-
-
 # ---- the three modes ----
 
 class Streamer:
@@ -569,16 +523,13 @@ def main(argv: list[str]):
         if not cfg.checkpoint:
             raise ValueError("--checkpoint DIR is required (see --help)")
         check_modes(cfg)  # before anything is loaded
-        device = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {cfg.device}: no CUDA device is available here; use --device cpu")
-        auto_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else auto_dtype
+        device = resolve_device(cfg.device)
+        dtype = resolve_dtype(cfg.dtype, device)
         rank, world_size, device = tp.init_distributed(device)
-        model, tok = load_model(cfg.checkpoint)  # memory-mapped on the CPU: nothing read yet
+        model, tok = checkpoint.load_model(cfg.checkpoint)  # memory-mapped on the CPU: nothing read yet
         if world_size > 1:
             tp.apply_tp(model, rank, world_size)  # each rank keeps 1/world_size of every block
-        model = to_device(model, device, dtype)  # only now are the weights (this rank's) read
+        model.to_device(device, dtype)  # only now are the weights (this rank's) read
         if cfg.max_tokens > model.args.max_seq_len and rank == 0:
             print(f"note: --max_tokens {cfg.max_tokens} is capped at the model's max_seq_len "
                   f"{model.args.max_seq_len}", file=sys.stderr)

@@ -45,7 +45,7 @@ import memory
 from cli import Range, check_fields, parse_config
 from data import IGNORE, Batches, DataError, Tokenizer, collate, load_dataset, plan_batch
 from model import (CONFIGS, ModelArgs, Transformer, check_state_dict, extend_vocab, load_weights_file,
-                   vocab_rows)
+                   resolve_dtype, vocab_rows)
 from optim import AdamWBF16, local
 
 
@@ -327,9 +327,7 @@ def build_model(cfg: TrainConfig, args: ModelArgs, device) -> Transformer:
     if cfg.compile:
         for i, block in enumerate(model.layers):
             model.layers[i] = torch.compile(block, dynamic=True)
-    compute_dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-                     "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.dtype]
-    apply_fsdp(model, cfg, compute_dtype)
+    apply_fsdp(model, cfg, resolve_dtype(cfg.dtype, device))
     model.to_empty(device="cpu" if cfg.offload else device)
     if cfg.init:
         model.init_buffers()
@@ -733,7 +731,7 @@ def choose_memory(cfg: TrainConfig, args: ModelArgs, world_size: int, device, sa
     host_gb = memory.host_available_gb() - ranks_here * memory.PROCESS_GB  # for --offload's state
     base = memory.Options(world_size=world_size, gpus_per_node=ranks_here, max_tokens=cfg.max_tokens,
                           ac=cfg.ac, offload=cfg.offload, gpu_gb=budget_gb, host_gb=host_gb if cfg.offload else 0.0,
-                          compute_bytes=2 if device.type == "cuda" and cfg.dtype != "fp32" else 4)
+                          compute_bytes=resolve_dtype(cfg.dtype, device).itemsize)
     options = memory.candidates(base, cfg.weights, cfg.step_in_backward, cfg.global_batch, cfg.max_len,
                                 cfg.grad_clip > 0)
     chosen, plans = memory.choose(args, options)
@@ -766,7 +764,8 @@ def print_plan(cfg: TrainConfig):
         args = ModelArgs.from_name(cfg.preset, vocab_size=32001)
     global_batch = cfg.global_batch or lima_size_defaults(memory.param_counts(args)[0])["global_batch"]
     base = memory.Options(world_size=cfg.world_size, max_tokens=cfg.max_tokens, ac=cfg.ac,
-                          offload=cfg.offload, gpu_gb=cfg.gpu_gb)
+                          offload=cfg.offload, gpu_gb=cfg.gpu_gb,
+                          compute_bytes=resolve_dtype(cfg.dtype, "cuda").itemsize)  # planned GPUs
     options = memory.candidates(base, cfg.weights, cfg.step_in_backward, global_batch, cfg.max_len,
                                 cfg.grad_clip > 0)
     print(memory.format_choice(args, options))

@@ -15,10 +15,11 @@ import pytest
 import torch
 
 import sample
+from checkpoint import load_model
 from data import Tokenizer
 from model import ModelArgs, Transformer
-from sample import (Settings, apply_repetition_penalty, decode, generate, load_model, next_token,
-                    top_k_filter, top_p_filter, uniforms)
+from sample import (Settings, apply_repetition_penalty, decode, generate, next_token, top_k_filter, top_p_filter,
+                    uniforms)
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "data" / "tokenizer.model"
@@ -265,6 +266,18 @@ def test_load_model_checks_the_tokenizer_against_the_weights(tok, tmp_path, caps
         load_model(save_checkpoint(tiny_model(tok.vocab_size + 7), tmp_path / "other"))
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
         load_model(tmp_path / "missing")
+
+
+def test_a_run_folder_is_refused_naming_its_newest_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    for step, name in ((5, "epoch-01"), (10, "epoch-02"), (12, "step-000012")):  # a preemption's save, after
+        (run / name / "model").mkdir(parents=True)
+        (run / name / "model" / ".metadata").write_bytes(b"")
+        shutil.copyfile(TOKENIZER, run / name / "tokenizer.model")
+        (run / name / "params.json").write_text("{}")
+        (run / name / "state.json").write_text(json.dumps(dict(step=step, epoch=step // 5, world_size=1, config={})))
+    with pytest.raises(ValueError, match=f"a training run's folder, not one checkpoint: .* newest epoch, {run / 'epoch-02'}$"):
+        load_model(run)
 
 
 # ---- the command line ----

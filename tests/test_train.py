@@ -253,6 +253,23 @@ def test_step_in_backward_refuses_clipping_and_a_resume_keeps_its_configuration(
         train.choose_memory(train.TrainConfig(weights="fp32"), args, 32, cuda, saved)
 
 
+def test_the_plan_counts_the_compute_dtype_the_run_uses(monkeypatch, capsys):
+    """One dtype rule for the plan and the run: --dtype fp32 plans 4-byte activations, on a GPU or
+    the CPU, and --dtype bf16 plans 2 bytes on the CPU too (it computes in bf16 there)."""
+    def planned(**options) -> float:
+        train.print_plan(train.TrainConfig(preset="llama-7b", world_size=8, **options))
+        totals = [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.strip().startswith("total")]
+        return float(totals[0])
+    assert planned(dtype="fp32") > planned(dtype="bf16") == planned(dtype="auto")  # GPUs are planned: auto is bf16
+    monkeypatch.setattr(train.memory, "host_available_gb", lambda: 1000.0)
+    args, cpu = ModelArgs.from_name("tiny", vocab_size=1025), torch.device("cpu")
+    seen = []
+    monkeypatch.setattr(train.memory, "candidates", lambda base, *rest: seen.append(base.compute_bytes) or [base])
+    for dtype in ("auto", "fp32", "bf16"):
+        train.choose_memory(train.TrainConfig(global_batch=8, dtype=dtype), args, 1, cpu, verbose=False)
+    assert seen == [4, 4, 2] == [train.resolve_dtype(d, cpu).itemsize for d in ("auto", "fp32", "bf16")]
+
+
 def test_step_in_backward_refuses_a_batch_that_needs_more_than_one_row():
     batches = train.Batches([30, 30, 30, 30], global_batch=4, world_size=1, max_tokens=64, seed=0)
     with pytest.raises(ValueError, match="step 1 packs into 2 rows of --max_tokens 64"):
