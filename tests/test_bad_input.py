@@ -143,8 +143,8 @@ CASES = [
                                        "--annotator", "x", "--sample", "-5"], "argument --sample: must be at least 0"),
     Case("eval-subset_n-negative", ["eval.py", "subset", "--data", "data/demo/train.jsonl", "--out", "{d}/s.jsonl",
                                     "--subset_n", "-1"], "argument --subset_n: must be at least 0"),
-    Case("eval-answers-epochs-reversed", [*ANSWERS, "--epochs", "10-5"], "--epochs 10-5: expected a range"),
-    Case("eval-answers-epochs-0", [*ANSWERS, "--epochs", "0,1"], "--epochs 0,1: expected"),
+    Case("eval-answers-epochs-reversed", [*ANSWERS, "--epochs", "10-5"], "argument --epochs: 10-5: expected a range"),
+    Case("eval-answers-epochs-0", [*ANSWERS, "--epochs", "0,1"], "argument --epochs: 0,1: expected"),
 
     # -- option values outside their choices (Literal annotations; argparse choices in eval.py) --
     Case("train-dtype-fp16", [*T, "--dtype", "fp16"], "--dtype must be one of auto, bf16, fp32, not 'fp16'"),
