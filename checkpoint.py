@@ -27,13 +27,36 @@ which allows plain numbers, strings and containers; anything else is refused in 
 naming the file. (DCP's safetensors format would avoid pickle too, but it writes only tensors:
 the optimizer's hyperparameters and the torch.optim state layout would need a second format.)
 """
+import sys
+
+from cli import Parser
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="checkpoint.py", description=__doc__.strip(), status=1)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    c = sub.add_parser("list", status=1, help="the run's complete checkpoints, oldest first",
+                       description="the run's complete checkpoints, oldest first, and the damaged ones skipped")
+    c.add_argument("run", help="the run's folder (train.py --out)")
+    c = sub.add_parser("export", status=1, help="a training checkpoint -> the converted format",
+                       description="a training checkpoint -> params.json, tokenizer.model and one model.pth, "
+                                   "for sample.py, eval.py and convert.py --to_hf")
+    c.add_argument("checkpoint", help="a training checkpoint (out/RUN/epoch-NN)")
+    c.add_argument("dst", help="a new directory")
+    c.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="the exported weights' dtype")
+    return p
+
+
+# The command line is read before torch is imported (a second or two), so that --help and a
+# mistyped command answer at once: all of the above needs only the standard library.
+if __name__ == "__main__":
+    build_parser().parse_args(sys.argv[1:])
 
 import io
 import json
 import os
 import pickle
 import shutil
-import sys
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -387,27 +410,20 @@ def export(src, dst, dtype=torch.bfloat16):
 
 
 def main(argv):
-    usage = "usage: python checkpoint.py list OUT | export CHECKPOINT DST [--dtype bf16|fp32]"
-    if argv[:1] in (["--help"], ["-h"]):
-        print(__doc__.strip() + "\n\n" + usage)
-        return
+    a = build_parser().parse_args(argv)
     try:
-        if len(argv) == 2 and argv[0] == "list":
-            if not Path(argv[1]).is_dir():
-                raise FileNotFoundError(f"{argv[1]}: no such run folder")
-            for path in list_checkpoints(argv[1]):
+        if a.command == "list":
+            if not Path(a.run).is_dir():
+                raise FileNotFoundError(f"{a.run}: no such run folder")
+            for path in list_checkpoints(a.run):
                 state = read_state(path)
                 optim = "weights+optimizer" if (path / "optim").is_dir() else "weights only"
                 print(f"{path.name:>14}  step {state['step']:>6}  epoch {state['epoch']:>3}  {optim}")
-            for why in damaged(argv[1]):
+            for why in damaged(a.run):
                 print(f"skipped: {why}", file=sys.stderr)
-        elif argv[:1] == ["export"] and len(argv) in (3, 5):
-            if len(argv) == 5 and (argv[3] != "--dtype" or argv[4] not in ("bf16", "fp32")):
-                raise ValueError(f"export takes --dtype bf16 or --dtype fp32 after DST, not {' '.join(argv[3:])!r}")
-            export(argv[1], argv[2], DTYPES[argv[4]] if len(argv) == 5 else torch.bfloat16)
-            print(f"exported {argv[1]} -> {argv[2]}")
         else:
-            raise ValueError(f"{' '.join(argv) or 'no command'}: {usage}")
+            export(a.checkpoint, a.dst, DTYPES[a.dtype])
+            print(f"exported {a.checkpoint} -> {a.dst}")
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
 

@@ -30,25 +30,11 @@ Every option, with its default:
     python sample.py --help
 """
 
-import functools
-import json
-import re
 import sys
-import zlib
-from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
-from pathlib import Path
 from typing import Annotated, Literal
 
-import torch
-import torch.distributed as dist
-from tqdm import tqdm
-
-import checkpoint
-import tp
-from cli import Range, parse_config
-from data import DataError, Tokenizer, load_conversations
-from model import CacheSlots, Transformer, resolve_device, resolve_dtype
+from cli import Range, check_device, parse_config
 
 
 @dataclass
@@ -69,15 +55,55 @@ class Settings:
 
 @dataclass
 class Config(Settings):
-    checkpoint: str = ""  # params.json, model.pth, tokenizer.model (see above)
+    checkpoint: str = ""  # a training checkpoint (out/RUN/epoch-NN) or a converted directory (see above)
     prompt: str = ""  # answer this one prompt
     chat: bool = False  # a multi-turn conversation in the terminal
     prompts: str = ""  # answer every prompt of this file (.jsonl as LIMA's, or one per line)...
     out: str = ""  # ...appending {id, prompt, history, answer, stop} lines to this jsonl file
     batch_size: Annotated[int, Range(ge=1)] = 8  # rows decoded together with --prompts (continuous batching)
-    device: str = "auto"  # auto: cuda if available, else cpu; or cpu, cuda, cuda:N
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    device: str = "auto"  # where the model runs: auto (cuda if there is one, else cpu), cpu, cuda or cuda:N
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # the weights' dtype; auto: bf16 on GPU, fp32 on CPU
 
+
+def check_modes(cfg: Config):
+    """A --checkpoint, exactly one of --prompt, --chat, --prompts (with its --out), and a --device
+    torch can name: refused before minutes of loading, none silently ignored."""
+    if not cfg.checkpoint:
+        raise ValueError("--checkpoint DIR is required (see --help)")
+    modes = [f"--{name}" for name in ("prompt", "chat", "prompts") if getattr(cfg, name)]
+    if not modes:
+        raise ValueError("nothing to do: give --prompt TEXT, --chat, or --prompts FILE --out FILE")
+    if len(modes) > 1:
+        raise ValueError(f"{' and '.join(modes)} are given: choose one")
+    if cfg.out and not cfg.prompts:
+        raise ValueError(f"--out {cfg.out} is where --prompts writes its answers: give --prompts FILE too")
+    if cfg.prompts and not cfg.out:
+        raise ValueError("--prompts needs --out FILE.jsonl for the answers")
+    check_device(cfg.device)
+
+
+# The command line is read before torch is imported (a second or two), so that --help and a
+# mistyped option answer at once: all of the above needs only the standard library.
+if __name__ == "__main__":
+    try:
+        check_modes(parse_config(Config, sys.argv[1:])[0])
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+
+import functools
+import json
+import zlib
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import checkpoint
+import tp
+from data import DataError, Tokenizer, load_conversations
+from model import CacheSlots, Transformer, resolve_device, resolve_dtype
 
 STOP_CHECK_EVERY = 8  # decode steps between looks for finished rows (each look waits for the device)
 
@@ -499,30 +525,12 @@ def interrupted_note(note: str):
 
 # ---- command line ----
 
-def check_modes(cfg: Config):
-    """Exactly one of --prompt, --chat, --prompts (with its --out, and its prompts readable), and
-    a --device torch can name: refused before minutes of loading, none silently ignored."""
-    modes = [f"--{name}" for name in ("prompt", "chat", "prompts") if getattr(cfg, name)]
-    if not modes:
-        raise ValueError("nothing to do: give --prompt TEXT, --chat, or --prompts FILE --out FILE")
-    if len(modes) > 1:
-        raise ValueError(f"{' and '.join(modes)} are given: choose one")
-    if cfg.out and not cfg.prompts:
-        raise ValueError(f"--out {cfg.out} is where --prompts writes its answers: give --prompts FILE too")
-    if cfg.prompts:
-        if not cfg.out:
-            raise ValueError("--prompts needs --out FILE.jsonl for the answers")
-        read_prompts(cfg.prompts)
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, not {cfg.device!r}")
-
-
 def main(argv: list[str]):
     try:
         cfg, _ = parse_config(Config, argv)
-        if not cfg.checkpoint:
-            raise ValueError("--checkpoint DIR is required (see --help)")
         check_modes(cfg)  # before anything is loaded
+        if cfg.prompts:
+            read_prompts(cfg.prompts)  # readable, not empty, ids unique
         device = resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, device)
         rank, world_size, device = tp.init_distributed(device)

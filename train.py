@@ -17,65 +17,43 @@ Every option, with its default:
     python train.py --help
 """
 
-import gc
-import json
-import math
-import os
-import signal
 import sys
-import time
-import warnings
 from dataclasses import asdict, dataclass
-from functools import partial
-from pathlib import Path
 from typing import Annotated, Literal
 
-import torch
-import torch.distributed as dist
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard,
-                                    register_fsdp_forward_method)
-from torch.distributed.tensor import DTensor
-from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
-from tqdm import tqdm
+from cli import Range, check_fields, parse_config, parse_or_exit
 
-import checkpoint
-import memory
-from cli import Range, check_fields, parse_config
-from data import IGNORE, Batches, DataError, Tokenizer, collate, load_dataset, plan_batch
-from model import (CONFIGS, ModelArgs, Transformer, check_state_dict, extend_vocab, load_weights_file,
-                   resolve_dtype, vocab_rows)
-from optim import AdamWBF16, local
+# model.py's CONFIGS by name, spelled out here so that the command line is read without torch.
+PRESETS = ("llama-7b", "llama-13b", "llama-33b", "llama-65b", "llama2-7b", "llama2-13b", "llama2-70b", "tiny")
 
 
 @dataclass
 class TrainConfig:
     # What to train. --init is a directory written by convert.py; without it, a preset
     # starts from random weights (the CPU demo: see DEMO below).
-    init: str = ""
-    preset: Literal[*CONFIGS] = "tiny"
+    init: str = ""  # a model to fine-tune: a directory written by convert.py; "": --preset from random weights
+    preset: Literal[*PRESETS] = "tiny"  # the shape of a model from random weights (model.py CONFIGS)
     tokenizer: str = "data/tokenizer.model"  # used without --init; a converted dir carries its own
-    data: str = "data/demo/train.jsonl"
+    data: str = "data/demo/train.jsonl"  # the training conversations: jsonl in LIMA's format (data.py)
     dev: str = "data/demo/dev.jsonl"  # dev loss after every epoch; "" to skip
-    out: str = "out/demo"
+    out: str = "out/demo"  # the run's folder: its checkpoints (epoch-NN), metrics.jsonl, config.json
     # LIMA's recipe (section 2 of the paper).
-    epochs: Annotated[int, Range(ge=1)] = 15
+    epochs: Annotated[int, Range(ge=1)] = 15  # passes over --data
     global_batch: Annotated[int, Range(ge=0)] = 0  # examples per optimizer step over all ranks; 0: 32 for 65B, 64 smaller
-    lr: Annotated[float, Range(gt=0)] = 1e-5
+    lr: Annotated[float, Range(gt=0)] = 1e-5  # the learning rate of the first step, decaying to --final_lr
     final_lr: Annotated[float, Range(gt=0)] = 1e-6  # linear decay from lr to final_lr over the whole run, no warmup
-    beta1: Annotated[float, Range(ge=0, lt=1)] = 0.9
-    beta2: Annotated[float, Range(ge=0, lt=1)] = 0.95
-    weight_decay: Annotated[float, Range(ge=0)] = 0.1
+    beta1: Annotated[float, Range(ge=0, lt=1)] = 0.9  # AdamW's decay rate of its first moment (the mean gradient)
+    beta2: Annotated[float, Range(ge=0, lt=1)] = 0.95  # AdamW's decay rate of its second moment (the squared gradient)
+    weight_decay: Annotated[float, Range(ge=0)] = 0.1  # AdamW's decoupled weight decay, on matrices and embeddings (not norm gains)
     resid_dropout: Annotated[float, Range(ge=0, lt=1, also=(-1,))] = -1.0  # top layer's residual dropout; -1: 0.3 for 65B, 0.2 smaller
     max_len: Annotated[int, Range(ge=1)] = 2048  # longer conversations are trimmed (counted and reported)
     train_on_prompt: bool = False  # LIMA trains on the responses only
     grad_clip: Annotated[float, Range(ge=0)] = 0.0  # max global grad norm; 0: off (LIMA does not mention clipping)
-    seed: Annotated[int, Range(ge=0, lt=2**32)] = 0
+    seed: Annotated[int, Range(ge=0, lt=2**32)] = 0  # the data order, the random init and dropout
     # How to run it.
     max_tokens: Annotated[int, Range(ge=0)] = 0  # tokens in one packed row (a micro-step) per rank; 0: 4096, or a rank's whole share with --step_in_backward
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # compute dtype: auto is bf16 on GPU, fp32 on CPU
-    weights: Literal["auto", *memory.WEIGHTS] = "auto"  # fp32 (fp32 AdamW), bf16_kahan or bf16_sr (optim.py); auto: the most precise that fits
+    weights: Literal["auto", "fp32", "bf16_kahan", "bf16_sr"] = "auto"  # fp32 (fp32 AdamW), bf16_kahan or bf16_sr (optim.py); auto: the most precise that fits
     step_in_backward: Literal["auto", "true", "false"] = "auto"  # true: step each parameter as its gradient arrives (no whole-model gradients); auto: if needed to fit
     ac: Literal["full", "selective", "none"] = "full"  # activation checkpointing per block: full, selective or none
     offload: bool = False  # FSDP CPU offload of parameters, gradients and optimizer state
@@ -95,6 +73,39 @@ class TrainConfig:
 # learning rate (1e-5) would not move it visibly in a few minutes. These replace the recipe's
 # values only when --init is not given and the option is not set on the command line.
 DEMO = dict(global_batch=8, lr=3e-3, final_lr=3e-4, resid_dropout=0.1)
+
+
+# The command line is read before torch is imported (a second or two), so that --help and a
+# mistyped option answer at once: all of the above needs only the standard library.
+if __name__ == "__main__":
+    parse_or_exit(TrainConfig, sys.argv[1:])
+
+import gc
+import json
+import math
+import os
+import signal
+import time
+import warnings
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard,
+                                    register_fsdp_forward_method)
+from torch.distributed.tensor import DTensor
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+from tqdm import tqdm
+
+import checkpoint
+import memory
+from data import IGNORE, Batches, DataError, Tokenizer, collate, load_dataset, plan_batch
+from model import (CONFIGS, ModelArgs, Transformer, check_state_dict, extend_vocab, load_weights_file,
+                   resolve_dtype, vocab_rows)
+from optim import AdamWBF16, local
 
 
 # ---- LIMA's schedule and loss, each with its reason ----

@@ -160,9 +160,11 @@ CASES = [
     Case("train-preset-with-init", ["train.py", "--init", "{init}", "--preset", "tiny", "--out", "{d}/out"],
          "--preset is for a model from random weights"),
     Case("checkpoint-export-nothing", ["checkpoint.py", "export", "{d}/nothing", "{d}/dst"], "{d}/nothing"),
-    Case("checkpoint-no-arguments", ["checkpoint.py"], "usage"),
-    Case("checkpoint-export-unknown-dtype", ["checkpoint.py", "export", "{d}/a", "{d}/b", "--dtype", "fp16"], "--dtype"),
-    Case("checkpoint-export-stray-argument", ["checkpoint.py", "export", "{d}/a", "{d}/b", "fp32"], "usage"),
+    Case("checkpoint-no-arguments", ["checkpoint.py"], "the following arguments are required: COMMAND"),
+    Case("checkpoint-export-unknown-dtype", ["checkpoint.py", "export", "{d}/a", "{d}/b", "--dtype", "fp16"],
+         "argument --dtype: invalid choice: 'fp16'"),
+    Case("checkpoint-export-stray-argument", ["checkpoint.py", "export", "{d}/a", "{d}/b", "fp32"],
+         "unrecognized arguments: fp32"),
     Case("checkpoint-list-no-folder", ["checkpoint.py", "list", "{d}/no-run"], "{d}/no-run"),
 
     # -- params.json: not an object, sizes not positive integers, heads that do not divide --
@@ -176,9 +178,9 @@ CASES = [
          "{d}/m/params.json: n_heads must be a positive integer, not 0", model(params={"n_heads": 0})),
     Case("params-dim-fraction", ["sample.py", "--checkpoint", "{d}/m", "--prompt", "Hi?"],
          "{d}/m/params.json: dim must be a positive integer, not 64.5", model(params={"dim": 64.5})),
-    Case("params-n_heads-does-not-divide", ["convert.py", "--to-hf", "{d}/m", "{d}/out"],
+    Case("params-n_heads-does-not-divide", ["convert.py", "--to_hf", "{d}/m", "{d}/out"],
          "{d}/m/params.json: n_heads 3 does not divide dim 64", model(params={"n_heads": 3, "n_kv_heads": 3})),
-    Case("params-odd-head-dim", ["convert.py", "--to-hf", "{d}/m", "{d}/out"],
+    Case("params-odd-head-dim", ["convert.py", "--to_hf", "{d}/m", "{d}/out"],
          "{d}/m/params.json: the head dim, dim 36 / n_heads 4 = 9, is odd", model(params={"dim": 36})),
     Case("params-norm_eps-0", [*META], "{d}/meta/params.json: norm_eps must be a number greater than 0",
          files({"meta/consolidated.00.pth": META_SHARD, "meta/params.json": {"dim": 64, "n_layers": 2, "n_heads": 4,
@@ -270,8 +272,6 @@ CASES = [
 ]
 
 
-# The other engineer's checkpoint.py: its argument errors are not yet one "error: ..." line. Strict,
-# so that these fail once it is fixed, and move into the table.
 @pytest.fixture(scope="module")
 def ctx(init_dir, tmp_path_factory):  # noqa: F811
     import convert

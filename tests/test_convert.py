@@ -270,7 +270,7 @@ def test_to_hf_then_back_is_the_identity(tmp_path, tokenizer, eot):
 def test_to_hf_refuses_a_vocabulary_that_does_not_fit_the_tokenizer(tmp_path, tokenizer, capsys):
     args = make_args(vocab_size=N_PIECES + 8)
     src = write_converted(random_weights(args), args, tmp_path / "lima", tokenizer)
-    err = fails(["--to-hf", src, tmp_path / "hf"], capsys)
+    err = fails(["--to_hf", src, tmp_path / "hf"], capsys)
     assert "64 pieces, but the model has 72 embedding rows" in err and not (tmp_path / "hf").exists()
 
 
