@@ -15,11 +15,33 @@ with a user turn. A conversation becomes BOS u1 EOT a1 EOT u2 EOT a2 EOT ..., an
 answers (each with its closing EOT) are trained.
 """
 
-import argparse
+import sys
+
+from cli import Parser, at_least, fail
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="data.py", description=__doc__.strip())
+    p.add_argument("--data", default="data/demo/train.jsonl", help="a jsonl file in LIMA's format")
+    p.add_argument("--tokenizer", default="data/tokenizer.model", help="the sentencepiece model to count tokens with")
+    p.add_argument("--max_len", type=at_least(1), default=2048, help="longer conversations are trimmed, as in training")
+    p.add_argument("--train_on_prompt", choices=["true", "false"], default="false",
+                   help="count the prompts' tokens as trained too")
+    p.add_argument("--world_size", type=at_least(1), default=8, help="data-parallel ranks to plan the batches for")
+    p.add_argument("--global_batch", type=at_least(1), default=32, help="conversations per optimizer step")
+    p.add_argument("--max_tokens", type=at_least(1), default=4096, help="tokens in one packed row per rank")
+    p.add_argument("--seed", type=int, default=0, help="the shuffle of the epoch planned")
+    return p
+
+
+# The command line is read before torch is imported (a second or two), so that --help and a
+# mistyped option answer at once: all of the above needs only the standard library.
+if __name__ == "__main__":
+    build_parser().parse_args(sys.argv[1:])
+
 import itertools
 import json
 import math
-import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -396,26 +418,13 @@ def summary(ds: Dataset, world_size: int, global_batch: int, max_tokens: int, se
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Summarise a LIMA jsonl file and its batching plan.")
-    parser.add_argument("--data", default="data/demo/train.jsonl")
-    parser.add_argument("--tokenizer", default="data/tokenizer.model")
-    parser.add_argument("--max_len", type=int, default=2048)
-    parser.add_argument("--train_on_prompt", choices=["true", "false"], default="false")
-    parser.add_argument("--world_size", type=int, default=8)
-    parser.add_argument("--global_batch", type=int, default=32)
-    parser.add_argument("--max_tokens", type=int, default=4096)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
-        for name in ("max_len", "world_size", "global_batch", "max_tokens"):
-            if getattr(args, name) < 1:
-                raise ValueError(f"--{name} must be at least 1, not {getattr(args, name)}")
         ds = load_dataset(args.data, Tokenizer(args.tokenizer), args.max_len, args.train_on_prompt == "true",
                           verbose=False)
         print(summary(ds, args.world_size, args.global_batch, args.max_tokens, args.seed))
     except (DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(e)
 
 
 if __name__ == "__main__":
