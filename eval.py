@@ -126,7 +126,7 @@ def build_parser() -> Parser:
                 dev="the dev prompts: LIMA's jsonl (a last answer is dropped) or a text file, one a line")
     c.add_argument("--epochs", type=epochs_list, default="5-10", help="a range like 5-10 or a list like 5,7,9")
     c.add_argument("--batch_size", type=at_least(1), default=8, help="rows decoded together (continuous batching)")
-    c.add_argument("--max_tokens", type=at_least(1), default=2048, help="prompt + answer, in all (LIMA: 2048)")
+    c.add_argument("--max_len", type=at_least(1), default=2048, help="tokens of prompt + answer, in all (LIMA: 2048)")
     c.add_argument("--seed", type=int, default=0, help="with each prompt's id, it keys the answer's draws")
     model_options(c)
     c = command("report", "one self-contained HTML page of the run's results", run=run)
@@ -254,7 +254,7 @@ def run_with_model(a):
         if a.command == "loss":
             loss_table(a.run, a.dev, a.max_len, a.device, a.dtype)
         else:
-            for path in write_answers(a.run, a.dev, a.epochs, a.batch_size, a.max_tokens, a.seed, a.device, a.dtype):
+            for path in write_answers(a.run, a.dev, a.epochs, a.batch_size, a.max_len, a.seed, a.device, a.dtype):
                 print(f"wrote {path}")
     except DataError as e:  # a dev file that is not LIMA's format: one line, as every bad input
         raise EvalError(str(e)) from None
@@ -302,7 +302,7 @@ def loss_table(run, dev, max_len=2048, device="auto", dtype="auto") -> list[dict
     return rows
 
 
-def write_answers(run, dev, epochs: list[int], batch_size=8, max_tokens=2048, seed=0, device="auto",
+def write_answers(run, dev, epochs: list[int], batch_size=8, max_len=2048, seed=0, device="auto",
                   dtype="auto") -> list[Path]:
     """RUN/eval/answers/epoch-NN.jsonl for each epoch: every dev prompt, with LIMA's decoding.
 
@@ -320,7 +320,7 @@ def write_answers(run, dev, epochs: list[int], batch_size=8, max_tokens=2048, se
     written = []
     for epoch in epochs:
         out = Path(run) / "eval" / "answers" / f"{found[epoch].name}.jsonl"
-        cfg = sample.Config(prompts=str(dev), out=str(out), batch_size=batch_size, max_tokens=max_tokens, seed=seed)
+        cfg = sample.Config(prompts=str(dev), out=str(out), batch_size=batch_size, max_len=max_len, seed=seed)
         model, tok = checkpoint.load_model(found[epoch], device, dtype)
         sample.answer_file(model, tok, cfg, cfg, rank=0)  # a Config is also the decoding Settings
         written.append(out)

@@ -48,7 +48,7 @@ class Settings:
     # penalise the question's own words, which an answer must be free to repeat, and the EOT
     # that ends every user turn, which would push answers to run on.
     penalize_prompt: bool = False  # count the prompt's tokens as seen too
-    max_tokens: Annotated[int, Range(ge=1)] = 2048  # prompt + answer, in all (and never more than the model's max_seq_len)
+    max_len: Annotated[int, Range(ge=1)] = 2048  # tokens of a conversation, prompt + answer, in all (and never more than the model's max_seq_len)
     seed: Annotated[int, Range(ge=0, lt=2**32)] = 0  # with the prompt's id, it keys each answer's draws: the same answer whatever the batch
     compile: bool = False  # torch.compile the decode step (CUDA graphs on GPU; first call is slow)
 
@@ -233,8 +233,8 @@ def ensure_cache(model: Transformer, batch_size: int, length: int):
 
 
 def token_limit(model: Transformer, s: Settings) -> int:
-    """Prompt + answer tokens allowed: s.max_tokens, but no more than the model was trained on."""
-    return min(s.max_tokens, model.args.max_seq_len)
+    """Prompt + answer tokens allowed: s.max_len, but no more than the model was trained on."""
+    return min(s.max_len, model.args.max_seq_len)
 
 
 @torch.no_grad()
@@ -243,11 +243,11 @@ def decode(model: Transformer, prompts: list[list[int]], s: Settings, eot_id: in
     """Answer tokenized prompts, yielding (index, answer) as each finishes: continuous batching.
 
     `slots` rows of the KV cache decode together (default: every prompt at once). When a row
-    finishes (EOT, or s.max_tokens in all) the next prompt is prefilled into that row at once, so
+    finishes (EOT, or s.max_len in all) the next prompt is prefilled into that row at once, so
     no row waits for the longest answer of a batch. Each row sits at its own position, and a step
     reads only the filled part of the cache. An answer depends only on its prompt, s and its key
     (keys[i], default i: the sampling stream is a function of (s.seed, key, step)), never on the
-    other prompts or on slots. limits[i], if given, caps answer i's tokens below what s.max_tokens
+    other prompts or on slots. limits[i], if given, caps answer i's tokens below what s.max_len
     leaves it. on_token, if given, is called with each step's tokens (B,), for
     streaming one prompt (with tensor parallelism give one on every rank or on none: it sets how
     often they look for finished rows). Raises ValueError if a prompt leaves no room for an answer.
@@ -491,7 +491,7 @@ def answer_file(model, tok, cfg: Config, s: Settings, rank: int):
         it["ids"] = tok.encode_dialog(it["history"] + [it["prompt"]])
         if len(it["ids"]) >= total:
             raise ValueError(f"{cfg.prompts}: prompt {it['id']} is {len(it['ids'])} tokens, leaving no "
-                             f"room for an answer within {total}; shorten it or raise --max_tokens")
+                             f"room for an answer within {total}; shorten it or raise --max_len")
     if rank == 0:
         print(f"{len(answered)} prompts already answered in {out}; {len(items)} to go", file=sys.stderr)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -538,8 +538,8 @@ def main(argv: list[str]):
         if world_size > 1:
             tp.apply_tp(model, rank, world_size)  # each rank keeps 1/world_size of every block
         model.to_device(device, dtype)  # only now are the weights (this rank's) read
-        if cfg.max_tokens > model.args.max_seq_len and rank == 0:
-            print(f"note: --max_tokens {cfg.max_tokens} is capped at the model's max_seq_len "
+        if cfg.max_len > model.args.max_seq_len and rank == 0:
+            print(f"note: --max_len {cfg.max_len} is capped at the model's max_seq_len "
                   f"{model.args.max_seq_len}", file=sys.stderr)
         s = Settings(**{f.name: getattr(cfg, f.name) for f in fields(Settings)})
         if cfg.chat:

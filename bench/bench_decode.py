@@ -79,8 +79,8 @@ def bench(name: str, batch: int, cfg: BenchConfig, device, dtype) -> dict:
         model.init_weights()
     model = model.to_device(dtype=dtype).eval()
     prompts = torch.randint(3, args.vocab_size, (batch, cfg.prompt_len)).tolist()
-    full = Settings(max_tokens=cfg.prompt_len + cfg.new_tokens, compile=cfg.compile)
-    first = replace(full, max_tokens=cfg.prompt_len + 1)  # prefill and the first token only
+    full = Settings(max_len=cfg.prompt_len + cfg.new_tokens, compile=cfg.compile)
+    first = replace(full, max_len=cfg.prompt_len + 1)  # prefill and the first token only
     timed_generate(model, prompts, full, device)  # warm-up: allocation, and compilation if any
     t_full = statistics.median(timed_generate(model, prompts, full, device) for _ in range(cfg.repeats))
     t_first = statistics.median(timed_generate(model, prompts, first, device) for _ in range(cfg.repeats))

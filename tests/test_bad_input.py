@@ -133,7 +133,7 @@ CASES = [
     Case("train-lr-0", [*T, "--lr", "0"], "--lr must be greater than 0, not 0.0"),
     Case("sample-top_p-0", [*S, "--top_p", "0"], "--top_p must be in (0, 1], not 0.0"),
     Case("eval-answers-batch_size-0", [*ANSWERS, "--batch_size", "0"], "argument --batch_size: must be at least 1"),
-    Case("eval-answers-max_tokens-negative", [*ANSWERS, "--max_tokens", "-1"], "argument --max_tokens: must be at least 1"),
+    Case("eval-answers-max_len-negative", [*ANSWERS, "--max_len", "-1"], "argument --max_len: must be at least 1"),
     Case("eval-loss-max_len-0", ["eval.py", "loss", "--run", "{d}", "--dev", "x", "--max_len", "0"],
          "argument --max_len: must be at least 1"),
     Case("eval-judge-timeout-0", [*JUDGE, "--timeout", "0"], "argument --timeout: must be greater than 0"),
@@ -368,8 +368,8 @@ SAMPLE_OPTIONS = [
     ([*P, "--repetition_penalty", "0"], "--repetition_penalty must be greater than 0, not 0.0"),
     ([*P, "--top_k", "-1"], "--top_k must be at least 0, not -1"),
     ([*P, "--batch_size", "0"], "--batch_size must be at least 1, not 0"),
-    ([*P, "--max_tokens", "0"], "--max_tokens must be at least 1, not 0"),
-    ([*P, "--max_tokens=-5"], "--max_tokens must be at least 1, not -5"),
+    ([*P, "--max_len", "0"], "--max_len must be at least 1, not 0"),
+    ([*P, "--max_len=-5"], "--max_len must be at least 1, not -5"),
     ([*P, "--penalize_prompt", "maybe"], "--penalize_prompt takes true or false, not 'maybe'"),
     ([*P, "--prompts", "x.txt"], "--prompt and --prompts are given: choose one"),
     (["--prompts", "data/demo/dev.jsonl"], "--prompts needs --out FILE.jsonl for the answers"),
@@ -409,7 +409,7 @@ def test_the_special_values_and_every_default_are_accepted():
     cfg, _ = parse_config(train.TrainConfig, ["--resid_dropout", "-1", "--global_batch", "0", "--max_tokens", "0",
                                               "--grad_clip", "0", "--keep_optim", "0", "--beta1", "0"])
     assert (cfg.resid_dropout, cfg.global_batch, cfg.max_tokens) == (-1, 0, 0)
-    cfg, _ = parse_config(sample.Config, ["--top_p", "1", "--temperature", "0", "--top_k", "0", "--max_tokens", "1"])
+    cfg, _ = parse_config(sample.Config, ["--top_p", "1", "--temperature", "0", "--top_k", "0", "--max_len", "1"])
     assert (cfg.top_p, cfg.temperature) == (1, 0)
 
 

@@ -418,7 +418,7 @@ def test_dev_loss_table_of_every_epoch(tiny_run, tmp_path):
 def test_answers_for_chosen_epochs_feed_the_report(tiny_run, tmp_path):
     run, _ = tiny_run
     dev = write(tmp_path / "dev.jsonl", [dict(conversations=[f"Question {i}?", "An answer."]) for i in range(3)])
-    files = ev.write_answers(run, dev, [1, 2], batch_size=2, max_tokens=40, device="cpu")
+    files = ev.write_answers(run, dev, [1, 2], batch_size=2, max_len=40, device="cpu")
     assert [f.name for f in files] == ["epoch-01.jsonl", "epoch-02.jsonl"]
     for f in files:
         assert [r["prompt"] for r in judge.read_jsonl(f)] == ["Question 0?", "Question 1?", "Question 2?"]
