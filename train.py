@@ -102,7 +102,7 @@ from tqdm import tqdm
 
 import checkpoint
 import memory
-from data import IGNORE, Batches, DataError, Tokenizer, collate, load_dataset, plan_batch
+from data import IGNORE, Batches, DataError, Tokenizer, collate, load_dataset, pack_batch
 from model import (CONFIGS, ModelArgs, Transformer, check_state_dict, extend_vocab, load_weights_file,
                    resolve_dtype, vocab_rows)
 from optim import AdamWBF16, local
@@ -469,7 +469,7 @@ def check_every_step_trains(batches: Batches, train_set, cfg: TrainConfig):
 def check_one_row(batches: Batches, start: int, total_steps: int):
     """--step_in_backward: every step left must give each rank a single row; else refuse now."""
     for step in range(start, total_steps):
-        rows = len(batches.plan(*divmod(step, batches.steps_per_epoch))[0])
+        rows = len(batches.rows(*divmod(step, batches.steps_per_epoch))[0])
         if rows > 1:
             raise ValueError(f"--step_in_backward needs one row per rank at every step, but step "
                              f"{step + 1} packs into {rows} rows of --max_tokens {batches.max_tokens}: "
@@ -491,9 +491,9 @@ def stop_if_not_finite(step: int, out: Path, loss: float, grad_norm: float | Non
 def dev_loss(model, examples, cfg: TrainConfig, rank: int, world_size: int, device) -> float:
     """Mean per-token loss on the dev set, shared out over the ranks by the same packing."""
     model.eval()
-    plan = plan_batch([len(e["tokens"]) for e in examples], world_size, cfg.max_tokens)
+    packing = pack_batch([len(e["tokens"]) for e in examples], world_size, cfg.max_tokens)
     total = torch.zeros(2, device=device)  # (loss sum, trained tokens)
-    for idxs in plan[rank]:
+    for idxs in packing[rank]:
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(examples, idxs).items()}
         h = model.hidden(batch["tokens"], batch["positions"], batch["doc_lens"])
         total[0] += loss_sum(h, model.output.weight, batch["targets"])
@@ -558,7 +558,7 @@ def train(cfg: TrainConfig):
         epoch, step_in_epoch = divmod(step, batches.steps_per_epoch)
         t0 = time.perf_counter()
         idxs = batches.global_batch_indices(epoch, step_in_epoch)
-        plan = batches.plan(epoch, step_in_epoch)  # plan[rank][micro-step] = examples in that row
+        rows = batches.rows(epoch, step_in_epoch)  # rows[rank][micro-step] = examples in that row
         n_global = sum(train_set.examples[i]["n_trained"] for i in idxs)
         lengths = [len(train_set.examples[i]["tokens"]) for i in idxs]
         n_tokens = sum(lengths)
@@ -566,14 +566,14 @@ def train(cfg: TrainConfig):
         for group in optimizer.param_groups:
             group["lr"] = lr
         if stepper:
-            loss_sum_row = row_loss(model, train_set.examples, plan[rank][0], device)
+            loss_sum_row = row_loss(model, train_set.examples, rows[rank][0], device)
             loss = global_loss(loss_sum_row, n_global)  # the whole batch's, before backward touches any weight
             stop_if_not_finite(step, out, loss)
             (loss_sum_row * world_size / n_global).backward()  # every parameter is stepped in it
             grad_norm = stepper.grad_norm()
             stop_if_not_finite(step, out, loss, grad_norm, stepped=True)
         else:
-            loss = global_loss(run_micro_steps(model, train_set.examples, plan[rank], n_global, device,
+            loss = global_loss(run_micro_steps(model, train_set.examples, rows[rank], n_global, device,
                                                world_size), n_global)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
             grad_norm = (grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm).item()

@@ -14,7 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import train
-from data import IGNORE, plan_batch
+from data import IGNORE, pack_batch
 from model import ModelArgs, Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,10 +88,10 @@ def test_packed_micro_steps_give_the_full_batch_gradient():
     model = fresh_model()
     expected = reference_gradients(model, examples)
     model.zero_grad()
-    plan = plan_batch([len(e["tokens"]) for e in examples], 1, 40)
-    assert len(plan[0]) > 1 and any(len(row) > 1 for row in plan[0])  # accumulation and packing
+    packing = pack_batch([len(e["tokens"]) for e in examples], 1, 40)
+    assert len(packing[0]) > 1 and any(len(row) > 1 for row in packing[0])  # accumulation and packing
     n_global = sum(sum(t != IGNORE for t in e["targets"]) for e in examples)
-    train.run_micro_steps(model, examples, plan[0], n_global, torch.device("cpu"), 1)
+    train.run_micro_steps(model, examples, packing[0], n_global, torch.device("cpu"), 1)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
 
