@@ -14,7 +14,8 @@ One answer, streamed as it is written (CPU):
     python sample.py --checkpoint out/lima-e7 --prompt "Write a haiku about the sea."
 The same on a GPU, in bf16, with the decode step compiled (the first answer waits for the compiler):
     python sample.py --checkpoint out/lima-e7 --prompt "Write a haiku about the sea." --compile
-A conversation: /reset starts a new one, /quit (or Ctrl-D) ends it:
+A conversation (line editing and history; a line of \"\"\" begins and ends a message of many lines):
+/reset starts a new one, /quit (or Ctrl-D) ends it:
     python sample.py --checkpoint out/lima-e7 --chat
 Every prompt of a file (LIMA's test.jsonl layout, or .txt with one prompt per line), --batch_size rows
 decoded together, each taking the next prompt as soon as its answer ends (continuous batching);
@@ -104,6 +105,11 @@ import checkpoint
 import tp
 from data import DataError, Tokenizer, load_conversations
 from model import CacheSlots, Transformer, resolve_device, resolve_dtype
+
+try:
+    import readline  # importing it gives input() line editing and history: --chat's prompt
+except ImportError:  # Python without GNU readline or libedit (Windows)
+    readline = None
 
 STOP_CHECK_EVERY = 8  # decode steps between looks for finished rows (each look waits for the device)
 
@@ -389,10 +395,11 @@ def chat(model, tok, s: Settings, rank: int):
     say = print if rank == 0 else (lambda *a, **k: None)
     total = token_limit(model, s)
     say("A new conversation. /reset starts another, /quit (or Ctrl-D, or Ctrl-C) ends; "
-        "Ctrl-C while an answer is written stops it.")
+        "Ctrl-C while an answer is written stops it; a line of \"\"\" begins and ends a message of many lines.")
     turns = []
     while True:
-        line = tp.from_rank0(read_line("\nyou> ") if rank == 0 else None)
+        say()
+        line = tp.from_rank0(read_message() if rank == 0 else None)
         if line is None or line.strip() == "/quit":
             return
         if line.strip() == "/reset":
@@ -431,9 +438,42 @@ def chat(model, tok, s: Settings, rank: int):
         say()
 
 
+MANY_LINES = '"""'  # a line of its own that begins, and one that ends, a message of many lines
+# Without readline a terminal hands over a line in its canonical mode, which keeps 4,095 characters
+# of it on Linux (1,023 on macOS) and drops the rest without a word.
+TTY_LINE_LIMIT = 1023 if sys.platform == "darwin" else 4095
+
+
+def read_message() -> str | None:
+    """The next message typed at the prompt: a line, or the lines between two lines of \"\"\" (a
+    paste of many lines); None for Ctrl-D or Ctrl-C. A line that may have been cut by the terminal
+    is not sent (an empty message) and said so."""
+    line = read_line("you> ")
+    lines = [line]
+    if line is not None and line.strip() == MANY_LINES:
+        lines = []
+        while (line := read_line("... ")) is not None and line.strip() != MANY_LINES:
+            lines.append(line)
+        if line is None:
+            return None
+    if line is None:
+        return None
+    if any(len(one) >= TTY_LINE_LIMIT for one in lines) and cut_by_the_terminal():
+        print(f"(not sent: a line reached the terminal's limit of {TTY_LINE_LIMIT:,} characters, and what "
+              f"followed it was dropped; break the text into shorter lines between two lines of {MANY_LINES})")
+        return ""
+    return "\n".join(lines)
+
+
+def cut_by_the_terminal() -> bool:
+    """Whether input() reads from a terminal in its canonical mode (readline reads key by key, and a
+    pipe has no line limit)."""
+    return sys.stdin.isatty() and not (readline is not None and sys.stdout.isatty())
+
+
 def read_line(prompt: str) -> str | None:
-    """A line typed at the prompt; None for Ctrl-D or Ctrl-C (then the shell's prompt starts on a
-    line of its own)."""
+    """A line typed at the prompt, with readline's editing and history where there is readline;
+    None for Ctrl-D or Ctrl-C (then the shell's prompt starts on a line of its own)."""
     try:
         return input(prompt)
     except (EOFError, KeyboardInterrupt):

@@ -5,10 +5,12 @@ against one process, and the command line's modes and errors."""
 import json
 import math
 import os
+import select
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -374,6 +376,63 @@ def test_chat_keeps_the_conversation_in_lima_format(tok, checkpoint, monkeypatch
     assert out.count(f"lima> {said}") == 4
     assert "(a new conversation)" in out and "(forgot the oldest 1 exchange(s)" in out
     assert "over the 100-token limit: not sent" in out
+
+
+def test_chat_takes_a_message_of_many_lines_and_refuses_a_line_the_terminal_cut(tok, checkpoint, monkeypatch,
+                                                                                 capsys):
+    typed = iter(['"""', "First line,", "", "  and the last.", '"""', "x" * sample.TTY_LINE_LIMIT, "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(typed))
+    monkeypatch.setattr(sample, "cut_by_the_terminal", lambda: True)  # a terminal without readline
+    asked = []
+
+    def fake_generate(model, prompts, s, eot_id, on_token=None):
+        asked.append(prompts[0])
+        return [[tok.eot_id]]
+    monkeypatch.setattr(sample, "generate", fake_generate)
+    assert run_main(["--checkpoint", checkpoint, "--chat"]) is None
+    assert asked == [tok.encode_dialog(["First line,\n\n  and the last."])]  # the 4,095 x's: not sent
+    assert f"not sent: a line reached the terminal's limit of {sample.TTY_LINE_LIMIT:,} characters" in capsys.readouterr().out
+
+
+# What the terminal sends for: the left arrow, the up arrow (the history's last line), Ctrl-D.
+LEFT, UP, CTRL_D = "\x1b[D", "\x1b[A", "\x04"
+
+
+@pytest.mark.skipif(sample.readline is None, reason="no readline in this Python")
+def test_the_chat_prompt_edits_lines_keeps_a_history_and_ends_on_a_line_of_its_own():
+    """In a real terminal (a pseudo-terminal): the arrows move in the line and recall the last one,
+    as in a shell, and Ctrl-D leaves the cursor at the start of a new line for the shell's prompt."""
+    import pty
+    code = "import sample\nwhile (m := sample.read_message()) is not None:\n    print(f'got {m!r}')\nprint('end')"
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: a Python reading messages at the prompt
+        os.chdir(ROOT)
+        os.execv(sys.executable, [sys.executable, "-c", code])
+    seen = b""
+
+    def until(text: bytes, timeout=60):
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while text not in seen:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            assert ready, (text, seen[-300:])
+            seen += os.read(fd, 4096)
+
+    try:
+        until(b"you> ")
+        os.write(fd, f"helo{LEFT}l\r".encode())  # a typo mended in place
+        until(b"got 'hello'")
+        until(b"you> ")
+        os.write(fd, f"{UP}!\r".encode())  # the last line again, and more
+        until(b"got 'hello!'")
+        until(b"you> ")
+        os.write(fd, CTRL_D.encode())
+        until(b"end")
+    finally:
+        os.close(fd)
+        os.kill(pid, signal.SIGKILL)  # gone already unless an assertion above stopped the test
+        os.waitpid(pid, 0)
+    assert seen.replace(b"\r", b"").endswith(b"you> \nend\n")  # after Ctrl-D, a new line
 
 
 def torchrun_sample(args) -> str:
