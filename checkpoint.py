@@ -27,6 +27,7 @@ which allows plain numbers, strings and containers; anything else is refused in 
 naming the file. (DCP's safetensors format would avoid pickle too, but it writes only tensors:
 the optimizer's hyperparameters and the torch.optim state layout would need a second format.)
 """
+
 import sys
 
 from cli import Parser

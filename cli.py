@@ -12,6 +12,12 @@ A field declares what it accepts in its annotation, and parse_config checks it i
 
 eval.py, checkpoint.py, convert.py and data.py take subcommands or positional arguments: argparse,
 through Parser, which prints an error as one line and each option's default and choices in --help.
+
+Every script reads its command line in a first block that needs only this module, and imports
+torch after it, so that --help and a wrong option are answered (and exit) there:
+    if __name__ == "__main__":
+        parse_or_exit(TrainConfig, sys.argv[1:])
+    import torch
 """
 
 import argparse

@@ -21,6 +21,7 @@ file pages the kernel can reclaim (bench/bench_convert.py measures it). --to_hf 
 at most 5 GB one at a time, so it peaks near 6 GB. The output is built in a hidden folder beside DST
 and renamed when complete. Errors are one line, `error: ...`, exit status 2.
 """
+
 import sys
 
 from cli import Parser, fail
