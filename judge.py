@@ -66,7 +66,7 @@ RESULTS = ("win", "tie", "loss")  # from our model's side: LIMA's "LIMA wins / t
 
 
 class EvalError(Exception):
-    """Bad input or a refused request: main prints it as one line and exits with status 2."""
+    """Bad input or a refused request: eval.py prints it as one line and exits with status 2."""
 
 
 class Quit(Exception):
