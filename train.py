@@ -23,7 +23,8 @@ from typing import Annotated, Literal
 
 from cli import Range, check_fields, parse_config, parse_or_exit
 
-# model.py's CONFIGS by name, spelled out here so that the command line is read without torch.
+# model.py's CONFIGS by name (and below, --weights: memory.WEIGHTS), spelled out so that the command
+# line is read without torch; tests/test_cli.py checks that they agree.
 PRESETS = ("llama-7b", "llama-13b", "llama-33b", "llama-65b", "llama2-7b", "llama2-13b", "llama2-70b", "tiny")
 
 
