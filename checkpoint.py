@@ -4,6 +4,9 @@ Training checkpoints: sharded, atomic, every epoch kept, and readable without th
     python checkpoint.py list out/demo                         # complete checkpoints, oldest first
     python checkpoint.py export out/demo/epoch-05 out/lima-e5  # -> params.json, tokenizer.model, model.pth
 
+load_model here is the one loader of a model to answer with (sample.py, eval.py): a training
+checkpoint or a converted directory, checked against its tokenizer.
+
 A checkpoint is a directory (epoch-05, or step-000120 for an interval or a preemption save):
     params.json       the model's shape (ModelArgs), vocabulary including EOT
     tokenizer.model   the sentencepiece model the run used
@@ -25,12 +28,36 @@ naming the file. (DCP's safetensors format would avoid pickle too, but it writes
 the optimizer's hyperparameters and the torch.optim state layout would need a second format.)
 """
 
+import sys
+
+from cli import Parser
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="checkpoint.py", description=__doc__.strip(), status=1)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    c = sub.add_parser("list", status=1, help="the run's complete checkpoints, oldest first",
+                       description="the run's complete checkpoints, oldest first, and the damaged ones skipped")
+    c.add_argument("run", help="the run's folder (train.py --out)")
+    c = sub.add_parser("export", status=1, help="a training checkpoint -> the converted format",
+                       description="a training checkpoint -> params.json, tokenizer.model and one model.pth, "
+                                   "for sample.py, eval.py and convert.py --to_hf")
+    c.add_argument("checkpoint", help="a training checkpoint (out/RUN/epoch-NN)")
+    c.add_argument("dst", help="a new directory")
+    c.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="the exported weights' dtype")
+    return p
+
+
+# The command line is read before torch is imported (a second or two), so that --help and a
+# mistyped command answer at once: all of the above needs only the standard library.
+if __name__ == "__main__":
+    build_parser().parse_args(sys.argv[1:])
+
 import io
 import json
 import os
 import pickle
 import shutil
-import sys
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -48,7 +75,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
 
 import convert
 from data import Tokenizer
-from model import ModelArgs, Transformer
+from model import DTYPES, ModelArgs, Transformer, check_state_dict, load_weights_file, vocab_rows
 
 
 def read_state(path: Path) -> dict:
@@ -272,16 +299,68 @@ def has_sharded_weights(path) -> bool:
     return (Path(path) / "model" / ".metadata").is_file()
 
 
-def load_model(path, device="cpu", dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer]:
-    """A training checkpoint -> (model in eval mode, tokenizer), in one process.
+# ---- loading a model to answer with: a training checkpoint or a converted directory ----
 
-    No GPUs or process group needed: DCP reassembles the shards that the training ranks wrote.
-    sample.load_model reads both this and the converted format, with its vocabulary checks.
+def load_model(path, device="cpu", dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer]:
+    """A training checkpoint (out/RUN/epoch-NN) or a converted directory (params.json, model.pth,
+    tokenizer.model) -> (model in eval mode, tokenizer): the one loader of sample.py and eval.py.
+
+    The weights are checked against the tokenizer, then moved to device and cast to dtype; with the
+    defaults a converted model stays memory-mapped on the CPU (nothing is read yet), which is what
+    tensor parallelism wants before sharding: sample.py moves each rank's part afterwards.
     """
     path = Path(path)
-    if not has_sharded_weights(path):
-        raise FileNotFoundError(f"{path}: not a complete training checkpoint (no model/.metadata)")
-    tokenizer = Tokenizer(path / "tokenizer.model")
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such checkpoint directory")
+    if not (path / "tokenizer.model").is_file():
+        if found := list_checkpoints(path):
+            epochs = [p for p in found if p.name.startswith("epoch-")]
+            raise ValueError(f"{path} is a training run's folder, not one checkpoint: give one of its "
+                             f"checkpoints, such as its newest {'epoch' if epochs else 'one'}, {(epochs or found)[-1]}")
+        raise FileNotFoundError(f"{path}: no tokenizer.model; expected a directory written by "
+                                f"convert.py, train.py or checkpoint.py export")
+    tok = Tokenizer(path / "tokenizer.model")
+    sharded = has_sharded_weights(path)
+    model = load_sharded(path) if sharded else load_converted(path)
+    rows = model.args.vocab_size
+    if rows == tok.n_base:
+        # A base model, never fine-tuned: worth sampling as a baseline, so add the EOT row rather
+        # than refuse. The row is the vocabulary's mean (model.extend_vocab), never trained.
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"note: {path} has no EOT row (a base model?): added one; its answers will rarely "
+                  f"stop before the length limit", file=sys.stderr)
+        model.grow_vocab(1)
+    elif rows != tok.vocab_size:
+        raise ValueError(f"{path}: the tokenizer has {tok.n_base} pieces + EOT = {tok.vocab_size} "
+                         f"tokens but {'model/' if sharded else 'model.pth'} has {rows} embedding rows: "
+                         f"they do not belong together")
+    return model.to_device(device, dtype).eval(), tok
+
+
+def load_converted(path: Path) -> Transformer:
+    """params.json + model.pth (convert.py's format) -> a model on the CPU in the file's dtype.
+
+    Built on the meta device, then the memory-mapped tensors are assigned as the parameters: a 65B
+    load copies nothing and reads pages only when they are used (gpt-fast's way).
+    """
+    for name in ("params.json", "model.pth"):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path}: no {name}; expected a directory written by convert.py")
+    state_dict = load_weights_file(path / "model.pth")
+    vocab_size = vocab_rows(state_dict, source=str(path / "model.pth"))
+    args = ModelArgs.from_params(path / "params.json", vocab_size=vocab_size)
+    with torch.device("meta"):
+        model = Transformer(args)
+    check_state_dict(model, state_dict, source=str(path / "model.pth"))
+    model.load_state_dict(state_dict, assign=True)
+    model.init_buffers()  # the RoPE table, the one tensor the file does not hold: still on meta
+    return model
+
+
+def load_sharded(path: Path) -> Transformer:
+    """A training checkpoint's DCP shards -> a float32 model on the CPU, in one process: no GPUs or
+    process group needed. Fine for the demo and for reading a few epochs; for 65B, export it once
+    (checkpoint.py export) and load the result, which is memory-mapped."""
     args = ModelArgs.from_params(path / "params.json")
     with torch.device("meta"):
         model = Transformer(args)
@@ -290,9 +369,7 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None) -> tuple[Tr
     with warnings.catch_warnings():  # one process is what we mean: no need to say so
         warnings.filterwarnings("ignore", "torch.distributed is disabled")
         safe_dcp_load(state_dict, path / "model", no_dist=True)
-    model = model.to(device=device, dtype=dtype)
-    model.init_buffers()  # after .to(): the RoPE table stays float32
-    return model.eval(), tokenizer
+    return model
 
 
 def export(src, dst, dtype=torch.bfloat16):
@@ -334,28 +411,20 @@ def export(src, dst, dtype=torch.bfloat16):
 
 
 def main(argv):
-    usage = "usage: python checkpoint.py list OUT | export CHECKPOINT DST [--dtype bf16|fp32]"
-    if argv[:1] in (["--help"], ["-h"]):
-        print(__doc__.strip() + "\n\n" + usage)
-        return
+    a = build_parser().parse_args(argv)
     try:
-        if len(argv) == 2 and argv[0] == "list":
-            if not Path(argv[1]).is_dir():
-                raise FileNotFoundError(f"{argv[1]}: no such run folder")
-            for path in list_checkpoints(argv[1]):
+        if a.command == "list":
+            if not Path(a.run).is_dir():
+                raise FileNotFoundError(f"{a.run}: no such run folder")
+            for path in list_checkpoints(a.run):
                 state = read_state(path)
                 optim = "weights+optimizer" if (path / "optim").is_dir() else "weights only"
                 print(f"{path.name:>14}  step {state['step']:>6}  epoch {state['epoch']:>3}  {optim}")
-            for why in damaged(argv[1]):
+            for why in damaged(a.run):
                 print(f"skipped: {why}", file=sys.stderr)
-        elif argv[:1] == ["export"] and len(argv) in (3, 5):
-            dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
-            if len(argv) == 5 and (argv[3] != "--dtype" or argv[4] not in dtypes):
-                raise ValueError(f"export takes --dtype bf16 or --dtype fp32 after DST, not {' '.join(argv[3:])!r}")
-            export(argv[1], argv[2], dtypes[argv[4]] if len(argv) == 5 else torch.bfloat16)
-            print(f"exported {argv[1]} -> {argv[2]}")
         else:
-            raise ValueError(f"{' '.join(argv) or 'no command'}: {usage}")
+            export(a.checkpoint, a.dst, DTYPES[a.dtype])
+            print(f"exported {a.checkpoint} -> {a.dst}")
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
 

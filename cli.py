@@ -1,14 +1,26 @@
-"""The command line of train.py and sample.py: one --name value (or --name=value) per field of a
-config dataclass.
+"""The command line of every script, with the standard library only: no torch is imported here, so
+a script that parses its command line before importing torch answers --help and a mistyped option at
+once (importing torch takes a second or more).
 
+train.py and sample.py: one --name value (or --name=value) per field of a config dataclass.
     python train.py --help     # every option, its default, its choices or range, and the comment beside its field
 
 A field declares what it accepts in its annotation, and parse_config checks it in one place:
     dtype: Literal["auto", "bf16", "fp32"] = "auto"           # one of these
     epochs: Annotated[int, Range(ge=1)] = 15                   # at least 1
     resid_dropout: Annotated[float, Range(ge=0, lt=1, also=(-1,))] = -1.0   # -1 or in [0, 1)
+
+eval.py, checkpoint.py, convert.py and data.py take subcommands or positional arguments: argparse,
+through Parser, which prints an error as one line and each option's default and choices in --help.
+
+Every script reads its command line in a first block that needs only this module, and imports
+torch after it, so that --help and a wrong option are answered (and exit) there:
+    if __name__ == "__main__":
+        parse_or_exit(TrainConfig, sys.argv[1:])
+    import torch
 """
 
+import argparse
 import difflib
 import inspect
 import math
@@ -76,6 +88,13 @@ def check_fields(config):
             raise ValueError(f"--{f.name} must be {bounds}, not {value!r}")
 
 
+def check_device(name: str) -> str:
+    """A --device value torch can name: auto (cuda if there is one, else cpu), cpu, cuda or cuda:N."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, not {name!r}")
+    return name
+
+
 def parse_config(cls, argv: list[str]):
     """argv -> (cls(**given values), set of given names). A bool may stand alone (--chat).
 
@@ -124,6 +143,14 @@ def parse_config(cls, argv: list[str]):
     return config, set(values)
 
 
+def parse_or_exit(cls, argv: list[str]):
+    """parse_config, with a wrong option as one `error:` line and exit status 1 (--help: exit 0)."""
+    try:
+        return parse_config(cls, argv)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+
+
 def print_help(cls):
     """The script's docstring, then each option with its default, its choices or range; the
     comment after each field in the source is its help, so the dataclass is the one place an
@@ -137,3 +164,58 @@ def print_help(cls):
                    else str(bounds) if bounds is not None else "")
         note = "; ".join(part for part in (notes.get(f.name, ""), accepts) if part)
         print(f"  --{f.name} {f.default!r}".ljust(31), note)
+
+
+# ---- argparse, for the scripts with subcommands or positional arguments ----
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written (a script's docstring of commands), and each option's default at
+    the end of its help line, unless it has none to show (a required option, a flag)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        nothing = action.default is None or action.default is False or action.default in ([], argparse.SUPPRESS)
+        if not (nothing or action.required or "default" in text):
+            text += f" (default: {action.default})"
+        return text
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with errors as one `error:` line (exit status `status`), --help formatted by
+    HelpFormatter, and no abbreviated options (--max_l would silently mean --max_len, and quietly
+    change meaning when another option starts alike)."""
+
+    def __init__(self, *args, status: int = 2, **kwargs):
+        super().__init__(*args, allow_abbrev=False, formatter_class=HelpFormatter, **kwargs)
+        self.status = status
+
+    def error(self, message):
+        fail(message, self.status)
+
+
+def fail(message, status: int = 2):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(status)
+
+
+def at_least(low, kind=int):
+    """An argparse type: a number of this kind, at least low (for a float: greater than low)."""
+    def number(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"not {text!r}") from None
+        if not (math.isfinite(value) and (value >= low if kind is int else value > low)):
+            raise argparse.ArgumentTypeError(f"must be {'at least' if kind is int else 'greater than'} "
+                                             f"{low}, not {text!r}")
+        return value
+    return number
+
+
+def device_name(text: str) -> str:
+    """An argparse type: check_device's."""
+    try:
+        return check_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--device ")) from None

@@ -4,9 +4,9 @@ Weights in and out: Meta's LLaMA release or a Hugging Face copy -> this project'
     python convert.py /path/to/llama/65B ckpt/llama-65b             # Meta: consolidated.*.pth, params.json
     python convert.py /path/to/llama-65b-hf ckpt/llama-65b          # HF: config.json, *.safetensors or *.bin
     python convert.py /path/to/llama/7B ckpt/llama-7b --dtype fp32  # cast on the way (default: keep the dtype)
-    python convert.py --to-hf lima-65b hf/lima-65b                  # back to HF, to serve a fine-tuned model
+    python convert.py --to_hf lima-65b hf/lima-65b                  # back to HF, to serve a fine-tuned model
 
-The converted format, read by model.Transformer.from_pretrained, train.py --init and sample.py:
+The converted format, read by checkpoint.load_model (sample.py, eval.py) and train.py --init:
     params.json      Meta's keys plus max_seq_len; vocab_size is the real number of embedding rows
     tokenizer.model  the sentencepiece model, copied
     model.pth        one torch.save'd dict of tensors under Meta's names, in the source's dtype;
@@ -17,12 +17,31 @@ empty skeleton (the pickle and the zip index, with holes where the bytes go), th
 at a time through a shared memory map of it, reading the sources memory-mapped too. Both maps are
 reopened for every layer, so the pages a layer touched leave this process with it: the peak is the
 interpreter plus two layers, whatever the depth, about 3.6 GB resident for 65B, nearly all of it
-file pages the kernel can reclaim (bench/bench_convert.py measures it). --to-hf writes HF's files of
+file pages the kernel can reclaim (bench/bench_convert.py measures it). --to_hf writes HF's files of
 at most 5 GB one at a time, so it peaks near 6 GB. The output is built in a hidden folder beside DST
 and renamed when complete. Errors are one line, `error: ...`, exit status 2.
 """
 
-import argparse
+import sys
+
+from cli import Parser, fail
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="convert.py", description=__doc__.strip())
+    p.add_argument("src", help="Meta's model folder, an HF folder, or (with --to_hf) a converted one")
+    p.add_argument("dst", help="a new directory")
+    p.add_argument("--to_hf", action="store_true", help="export a converted directory to HF's format")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
+                   help="cast the weights (default: keep the source's dtype)")
+    return p
+
+
+# The command line is read before torch is imported (a second or two), so that --help and a
+# mistyped option answer at once: all of the above needs only the standard library.
+if __name__ == "__main__":
+    build_parser().parse_args(sys.argv[1:])
+
 import itertools
 import json
 import math
@@ -30,7 +49,6 @@ import mmap
 import os
 import shutil
 import struct
-import sys
 from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -40,9 +58,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from tqdm import tqdm
 
-from model import ModelArgs, Transformer, check_state_dict, load_weights_file, vocab_rows
+from model import DTYPES, ModelArgs, Transformer, check_state_dict, load_weights_file, vocab_rows
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 EOT = "<EOT>"  # LIMA's end-of-turn token, as data.py's Tokenizer names it: id = sentencepiece's size
 
 
@@ -622,23 +639,11 @@ def to_hf(src, dst, dtype: torch.dtype | None = None, max_file_bytes: int = 5 * 
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Convert LLaMA weights: Meta or HF -> this project, "
-                                                 "or this project -> HF (--to-hf).", allow_abbrev=False)
-    parser.add_argument("src", help="Meta's model folder, an HF folder, or (with --to-hf) a converted one")
-    parser.add_argument("dst", help="a new directory")
-    parser.add_argument("--to-hf", action="store_true", help="export a converted directory to HF's format")
-    parser.add_argument("--dtype", choices=DTYPES, help="cast the weights (default: keep the source's dtype)")
-    parser.error = fail  # a wrong option is one line too, not the usage and then the error
-    a = parser.parse_args(argv)
+    a = build_parser().parse_args(argv)
     try:
         (to_hf if a.to_hf else convert)(a.src, a.dst, DTYPES.get(a.dtype))
     except (ValueError, OSError) as e:
         fail(e)
-
-
-def fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 if __name__ == "__main__":

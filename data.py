@@ -2,7 +2,7 @@
 LIMA's data: conversations in jsonl, a tokenizer with an end-of-turn token, prompt masking, and
 packed batches balanced over data-parallel ranks.
 
-Summarise a file (conversations, tokens, trimming, lengths, and the waste of the batching plan):
+Summarise a file (conversations, tokens, trimming, lengths, and the waste of packing it into rows):
     python data.py --data data/demo/train.jsonl --tokenizer data/tokenizer.model --world_size 8
 The real set as the 65B run sees it (Meta's tokenizer, 16 GPUs):
     python data.py --data lima/train.jsonl --tokenizer ckpt/llama-65b/tokenizer.model --world_size 16
@@ -17,11 +17,33 @@ answers (each with its closing EOT) are trained. A training file may also hold p
 BOS text EOS, every token trained, as in LLaMA's pretraining; no EOT, which only fine-tuning uses.
 """
 
-import argparse
+import sys
+
+from cli import Parser, at_least, fail
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="data.py", description=__doc__.strip())
+    p.add_argument("--data", default="data/demo/train.jsonl", help="a jsonl file in LIMA's format")
+    p.add_argument("--tokenizer", default="data/tokenizer.model", help="the sentencepiece model to count tokens with")
+    p.add_argument("--max_len", type=at_least(1), default=2048, help="longer conversations are trimmed, as in training")
+    p.add_argument("--train_on_prompt", choices=["true", "false"], default="false",
+                   help="count the prompts' tokens as trained too")
+    p.add_argument("--world_size", type=at_least(1), default=8, help="data-parallel ranks to pack the batches for")
+    p.add_argument("--global_batch", type=at_least(1), default=32, help="conversations per optimizer step")
+    p.add_argument("--max_tokens", type=at_least(1), default=4096, help="tokens in one packed row per rank")
+    p.add_argument("--seed", type=int, default=0, help="the shuffle of the epoch planned")
+    return p
+
+
+# The command line is read before torch is imported (a second or two), so that --help and a
+# mistyped option answer at once: all of the above needs only the standard library.
+if __name__ == "__main__":
+    build_parser().parse_args(sys.argv[1:])
+
 import itertools
 import json
 import math
-import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,8 +270,8 @@ def load_dataset(path, tok: Tokenizer, max_len: int = 2048, train_on_prompt: boo
 # only (model.packed_attention), and the rows of a global batch are spread so that all ranks
 # carry similar loads.
 
-def plan_batch(lengths: list[int], world_size: int, max_tokens: int) -> list[list[list[int]]]:
-    """Share out one global batch: plan[rank][micro_step] = indices into lengths packed in that row.
+def pack_batch(lengths: list[int], world_size: int, max_tokens: int) -> list[list[list[int]]]:
+    """Share out one global batch: rows[rank][micro_step] = indices into lengths packed in that row.
 
     Every rank gets the same number k of micro-steps, as FSDP ranks must run forward and backward
     in lockstep. k is the smallest count for which longest-first placement into the least loaded
@@ -311,14 +333,14 @@ def even_out(rows: list[list[int]], lengths: list[int]):
                 improved = True
 
 
-def plan_cost(plan: list[list[list[int]]], lengths: list[int]) -> tuple[int, int]:
+def packing_cost(packing: list[list[list[int]]], lengths: list[int]) -> tuple[int, int]:
     """(real tokens, tokens paid for): at every micro-step each rank waits for the longest row.
 
-    The waste of a plan is 1 - real / paid. With no padding it is purely that lockstep wait.
+    The waste of a packing is 1 - real / paid. With no padding it is purely that lockstep wait.
     """
-    world_size, n_steps = len(plan), len(plan[0])
-    real = sum(lengths[i] for rows in plan for row in rows for i in row)
-    paid = sum(world_size * max(max(sum(lengths[i] for i in rows[step]), 1) for rows in plan)
+    world_size, n_steps = len(packing), len(packing[0])
+    real = sum(lengths[i] for rows in packing for row in rows for i in row)
+    paid = sum(world_size * max(max(sum(lengths[i] for i in rows[step]), 1) for rows in packing)
                for step in range(n_steps))  # an empty row still runs its 1-token stand-in
     return real, paid
 
@@ -370,23 +392,23 @@ class Batches:
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.lengths))
         return order[step * self.global_batch:(step + 1) * self.global_batch].tolist()
 
-    def plan(self, epoch: int, step: int) -> list[list[list[int]]]:
-        """plan[rank][micro_step] = the example indices packed into that rank's row."""
+    def rows(self, epoch: int, step: int) -> list[list[list[int]]]:
+        """rows[rank][micro_step] = the example indices packed into that rank's row."""
         idxs = self.global_batch_indices(epoch, step)
-        plan = plan_batch([self.lengths[i] for i in idxs], self.world_size, self.max_tokens)
-        return [[[idxs[j] for j in row] for row in rows] for rows in plan]
+        packing = pack_batch([self.lengths[i] for i in idxs], self.world_size, self.max_tokens)
+        return [[[idxs[j] for j in row] for row in rows] for rows in packing]
 
 
 # ---- python data.py: a summary of a file ----
 
 def least_paid(lengths: list[int], world_size: int) -> int:
-    """A floor on plan_cost's paid tokens for one batch, whatever the plan: some rank runs the
+    """A floor on packing_cost's paid tokens for one batch, however it is packed: some rank runs the
     longest example, and the ranks between them run every token."""
     return world_size * max(max(lengths, default=1), math.ceil(sum(lengths) / world_size))
 
 
 def summary(ds: Dataset, world_size: int, global_batch: int, max_tokens: int, seed: int) -> str:
-    """Counts, trimming, the length distribution, and the batching plan's waste over epoch 0."""
+    """Counts, trimming, the length distribution, and the waste of its packing over epoch 0."""
     turns = [len(c["conversations"]) for c in ds.conversations if "conversations" in c]
     n_texts = len(ds.conversations) - len(turns)
     sources = Counter(c.get("source", "(none)") for c in ds.conversations)
@@ -415,39 +437,26 @@ def summary(ds: Dataset, world_size: int, global_batch: int, max_tokens: int, se
     batches = Batches(lengths, global_batch, world_size, max_tokens, seed)
     real = paid = floor = micro_steps = 0
     for step in range(batches.steps_per_epoch):
-        plan = batches.plan(0, step)
-        r, p = plan_cost(plan, lengths)
-        real, paid, micro_steps = real + r, paid + p, micro_steps + len(plan[0])
+        rows = batches.rows(0, step)
+        r, p = packing_cost(rows, lengths)
+        real, paid, micro_steps = real + r, paid + p, micro_steps + len(rows[0])
         floor += least_paid([lengths[i] for i in batches.global_batch_indices(0, step)], world_size)
     lines += [f"batching, epoch 0: {batches.steps_per_epoch} global batches of {global_batch} on {world_size} "
               f"rank(s), rows of at most {max_tokens} tokens, {micro_steps / batches.steps_per_epoch:.2f} "
               f"micro-steps per rank per batch",
               f"  waste {1 - real / paid:.1%}: ranks waiting for each other in lockstep (nothing is padded); "
-              f"the least any plan of the same batches can waste is {1 - real / floor:.1%}"]
+              f"the least any packing of the same batches can waste is {1 - real / floor:.1%}"]
     return "\n".join(lines)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Summarise a LIMA jsonl file and its batching plan.")
-    parser.add_argument("--data", default="data/demo/train.jsonl")
-    parser.add_argument("--tokenizer", default="data/tokenizer.model")
-    parser.add_argument("--max_len", type=int, default=2048)
-    parser.add_argument("--train_on_prompt", choices=["true", "false"], default="false")
-    parser.add_argument("--world_size", type=int, default=8)
-    parser.add_argument("--global_batch", type=int, default=32)
-    parser.add_argument("--max_tokens", type=int, default=4096)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
-        for name in ("max_len", "world_size", "global_batch", "max_tokens"):
-            if getattr(args, name) < 1:
-                raise ValueError(f"--{name} must be at least 1, not {getattr(args, name)}")
         ds = load_dataset(args.data, Tokenizer(args.tokenizer), args.max_len, args.train_on_prompt == "true",
                           verbose=False)
         print(summary(ds, args.world_size, args.global_batch, args.max_tokens, args.seed))
     except (DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(e)
 
 
 if __name__ == "__main__":

@@ -147,6 +147,30 @@ CONFIGS = {
 }
 
 
+# The dtypes by the names every script's --dtype takes (each script offers those that make sense
+# for it: train.py computes in fp32 or bf16, an export writes fp32 or bf16).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """--device: cpu, cuda or cuda:N; auto is the GPU if there is one, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device) -> torch.dtype:
+    """--dtype: a name of DTYPES, or auto: bf16 on a GPU (its tensor cores' format), fp32 on the CPU
+    (where most CPUs have no bf16 arithmetic: it would be slower and less precise)."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"--dtype {name}: not a dtype here; choose auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
 def upcast(x: torch.Tensor) -> torch.Tensor:
     """At least float32 (bf16 and fp16 go up, float64 stays): for norms and rotations."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
@@ -386,6 +410,13 @@ class Transformer(nn.Module):
         self.freqs_cis = precompute_freqs_cis(self.args.head_dim, self.args.max_seq_len,
                                               self.args.rope_theta).to(device)
 
+    def to_device(self, device=None, dtype: torch.dtype | None = None) -> "Transformer":
+        """Move (and cast) the weights, then recompute the RoPE table there: .to(dtype) casts the
+        table too, and in bf16 its cosines and sines keep 8 bits: the table stays float32."""
+        self.to(device=device, dtype=dtype)
+        self.init_buffers()
+        return self
+
     @torch.no_grad()
     def init_weights(self):
         """Random init for training from scratch; separate from __init__ so a model built on the
@@ -413,29 +444,6 @@ class Transformer(nn.Module):
         self.output.weight = nn.Parameter(extend_vocab(self.output.weight, n_new))
         self.tok_embeddings.num_embeddings = self.output.out_features = self.args.vocab_size = \
             self.tok_embeddings.weight.size(0)
-
-    @classmethod
-    def from_pretrained(cls, path, device="cpu", dtype: torch.dtype | None = None,
-                        **overrides) -> "Transformer":
-        """Load a converted directory (params.json + model.pth, see convert.py).
-
-        Built on the meta device, then the memory-mapped tensors are assigned as the parameters:
-        on the CPU in the file's dtype a 65B load copies nothing and reads pages only when used.
-        """
-        path = Path(path)
-        for name in ("params.json", "model.pth"):
-            if not (path / name).is_file():
-                raise FileNotFoundError(f"{path}: no {name}; expected a directory written by convert.py")
-        state_dict = load_weights_file(path / "model.pth")
-        vocab_size = vocab_rows(state_dict, source=str(path / "model.pth"))
-        args = ModelArgs.from_params(path / "params.json", **{"vocab_size": vocab_size, **overrides})
-        with torch.device("meta"):
-            model = cls(args)
-        check_state_dict(model, state_dict, source=str(path / "model.pth"))
-        state_dict = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in state_dict.items()}
-        model.load_state_dict(state_dict, assign=True)
-        model.init_buffers()
-        return model.eval()
 
 
 def load_weights_file(path: Path) -> dict[str, torch.Tensor]:

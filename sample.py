@@ -14,7 +14,8 @@ One answer, streamed as it is written (CPU):
     python sample.py --checkpoint out/lima-e7 --prompt "Write a haiku about the sea."
 The same on a GPU, in bf16, with the decode step compiled (the first answer waits for the compiler):
     python sample.py --checkpoint out/lima-e7 --prompt "Write a haiku about the sea." --compile
-A conversation: /reset starts a new one, /quit (or Ctrl-D) ends it:
+A conversation (line editing and history; a line of \"\"\" begins and ends a message of many lines):
+/reset starts a new one, /quit (or Ctrl-D) ends it:
     python sample.py --checkpoint out/lima-e7 --chat
 Every prompt of a file (LIMA's test.jsonl layout, or .txt with one prompt per line), --batch_size rows
 decoded together, each taking the next prompt as soon as its answer ends (continuous batching);
@@ -30,25 +31,11 @@ Every option, with its default:
     python sample.py --help
 """
 
-import functools
-import json
-import re
 import sys
-import zlib
-from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
-from pathlib import Path
 from typing import Annotated, Literal
 
-import torch
-import torch.distributed as dist
-from tqdm import tqdm
-
-import checkpoint
-import tp
-from cli import Range, parse_config
-from data import DataError, Tokenizer, load_conversations
-from model import CacheSlots, Transformer
+from cli import Range, check_device, parse_config
 
 
 @dataclass
@@ -62,24 +49,68 @@ class Settings:
     # penalise the question's own words, which an answer must be free to repeat, and the EOT
     # that ends every user turn, which would push answers to run on.
     penalize_prompt: bool = False  # count the prompt's tokens as seen too
-    max_tokens: Annotated[int, Range(ge=1)] = 2048  # prompt + answer, in all (and never more than the model's max_seq_len)
+    max_len: Annotated[int, Range(ge=1)] = 2048  # tokens of a conversation, prompt + answer, in all (and never more than the model's max_seq_len)
     seed: Annotated[int, Range(ge=0, lt=2**32)] = 0  # with the prompt's id, it keys each answer's draws: the same answer whatever the batch
     compile: bool = False  # torch.compile the decode step (CUDA graphs on GPU; first call is slow)
 
 
 @dataclass
 class Config(Settings):
-    checkpoint: str = ""  # params.json, model.pth, tokenizer.model (see above)
+    checkpoint: str = ""  # a training checkpoint (out/RUN/epoch-NN) or a converted directory (see above)
     prompt: str = ""  # answer this one prompt
     chat: bool = False  # a multi-turn conversation in the terminal
     prompts: str = ""  # answer every prompt of this file (.jsonl as LIMA's, or one per line)...
     out: str = ""  # ...appending {id, prompt, history, answer, stop} lines to this jsonl file
     batch_size: Annotated[int, Range(ge=1)] = 8  # rows decoded together with --prompts (continuous batching)
-    device: str = "auto"  # auto: cuda if available, else cpu; or cpu, cuda, cuda:N
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    device: str = "auto"  # where the model runs: auto (cuda if there is one, else cpu), cpu, cuda or cuda:N
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # the weights' dtype; auto: bf16 on GPU, fp32 on CPU
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+def check_modes(cfg: Config):
+    """A --checkpoint, exactly one of --prompt, --chat, --prompts (with its --out), and a --device
+    torch can name: refused before minutes of loading, none silently ignored."""
+    if not cfg.checkpoint:
+        raise ValueError("--checkpoint DIR is required (see --help)")
+    modes = [f"--{name}" for name in ("prompt", "chat", "prompts") if getattr(cfg, name)]
+    if not modes:
+        raise ValueError("nothing to do: give --prompt TEXT, --chat, or --prompts FILE --out FILE")
+    if len(modes) > 1:
+        raise ValueError(f"{' and '.join(modes)} are given: choose one")
+    if cfg.out and not cfg.prompts:
+        raise ValueError(f"--out {cfg.out} is where --prompts writes its answers: give --prompts FILE too")
+    if cfg.prompts and not cfg.out:
+        raise ValueError("--prompts needs --out FILE.jsonl for the answers")
+    check_device(cfg.device)
+
+
+# The command line is read before torch is imported (a second or two), so that --help and a
+# mistyped option answer at once: all of the above needs only the standard library.
+if __name__ == "__main__":
+    try:
+        check_modes(parse_config(Config, sys.argv[1:])[0])
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+
+import functools
+import json
+import zlib
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import checkpoint
+import tp
+from data import DataError, Tokenizer, load_conversations
+from model import CacheSlots, Transformer, resolve_device, resolve_dtype
+
+try:
+    import readline  # importing it gives input() line editing and history: --chat's prompt
+except ImportError:  # Python without GNU readline or libedit (Windows)
+    readline = None
+
 STOP_CHECK_EVERY = 8  # decode steps between looks for finished rows (each look waits for the device)
 
 
@@ -208,8 +239,8 @@ def ensure_cache(model: Transformer, batch_size: int, length: int):
 
 
 def token_limit(model: Transformer, s: Settings) -> int:
-    """Prompt + answer tokens allowed: s.max_tokens, but no more than the model was trained on."""
-    return min(s.max_tokens, model.args.max_seq_len)
+    """Prompt + answer tokens allowed: s.max_len, but no more than the model was trained on."""
+    return min(s.max_len, model.args.max_seq_len)
 
 
 @torch.no_grad()
@@ -218,11 +249,11 @@ def decode(model: Transformer, prompts: list[list[int]], s: Settings, eot_id: in
     """Answer tokenized prompts, yielding (index, answer) as each finishes: continuous batching.
 
     `slots` rows of the KV cache decode together (default: every prompt at once). When a row
-    finishes (EOT, or s.max_tokens in all) the next prompt is prefilled into that row at once, so
+    finishes (EOT, or s.max_len in all) the next prompt is prefilled into that row at once, so
     no row waits for the longest answer of a batch. Each row sits at its own position, and a step
     reads only the filled part of the cache. An answer depends only on its prompt, s and its key
     (keys[i], default i: the sampling stream is a function of (s.seed, key, step)), never on the
-    other prompts or on slots. limits[i], if given, caps answer i's tokens below what s.max_tokens
+    other prompts or on slots. limits[i], if given, caps answer i's tokens below what s.max_len
     leaves it. on_token, if given, is called with each step's tokens (B,), for
     streaming one prompt (with tensor parallelism give one on every rank or on none: it sets how
     often they look for finished rows). Raises ValueError if a prompt leaves no room for an answer.
@@ -317,51 +348,6 @@ def generate(model: Transformer, prompts: list[list[int]], s: Settings, eot_id: 
     return answers
 
 
-# ---- loading ----
-
-def load_model(path, device="cpu", dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer]:
-    """A converted directory (params.json, model.pth, tokenizer.model) or a training
-    checkpoint (out/RUN/epoch-NN) -> (model, tokenizer).
-
-    The one place generation and evaluation read weights from. A converted model is loaded
-    memory-mapped on the CPU in the file's dtype (nothing is read yet), checked against the
-    tokenizer, then moved to device and dtype; with the defaults it stays mapped, which is what
-    tensor parallelism wants before sharding. A training checkpoint is reassembled from its
-    shards in this one process (checkpoint.load_model): fine for the demo and for reading a few
-    epochs; for 65B, export it once (checkpoint.py export) and load the result.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such checkpoint directory")
-    if not (path / "tokenizer.model").is_file():
-        raise FileNotFoundError(f"{path}: no tokenizer.model; expected a directory written by "
-                                f"convert.py, train.py or checkpoint.py export")
-    if checkpoint.has_sharded_weights(path):
-        model, tok = checkpoint.load_model(path)
-    else:
-        tok = Tokenizer(path / "tokenizer.model")
-        model = Transformer.from_pretrained(path, "cpu")
-    rows = model.args.vocab_size
-    if rows == tok.n_base:
-        # A base model, never fine-tuned: worth sampling as a baseline, so add the EOT row rather
-        # than refuse. The row is the vocabulary's mean (model.extend_vocab), never trained.
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            print(f"note: {path} has no EOT row (a base model?): added one; its answers will rarely "
-                  f"stop before the length limit", file=sys.stderr)
-        model.grow_vocab(1)
-    elif rows != tok.vocab_size:
-        raise ValueError(f"{path}: the tokenizer has {tok.n_base} pieces + EOT = {tok.vocab_size} "
-                         f"tokens but model.pth has {rows} embedding rows: they do not belong together")
-    return to_device(model, device, dtype), tok
-
-
-def to_device(model: Transformer, device, dtype: torch.dtype | None) -> Transformer:
-    """Move (and cast) the weights; the RoPE table is recomputed there so it stays float32."""
-    model.to(device=device, dtype=dtype)
-    model.init_buffers()
-    return model
-
-
 # ---- the three modes ----
 
 class Streamer:
@@ -409,10 +395,11 @@ def chat(model, tok, s: Settings, rank: int):
     say = print if rank == 0 else (lambda *a, **k: None)
     total = token_limit(model, s)
     say("A new conversation. /reset starts another, /quit (or Ctrl-D, or Ctrl-C) ends; "
-        "Ctrl-C while an answer is written stops it.")
+        "Ctrl-C while an answer is written stops it; a line of \"\"\" begins and ends a message of many lines.")
     turns = []
     while True:
-        line = tp.from_rank0(read_line("\nyou> ") if rank == 0 else None)
+        say()
+        line = tp.from_rank0(read_message() if rank == 0 else None)
         if line is None or line.strip() == "/quit":
             return
         if line.strip() == "/reset":
@@ -451,9 +438,42 @@ def chat(model, tok, s: Settings, rank: int):
         say()
 
 
+MANY_LINES = '"""'  # a line of its own that begins, and one that ends, a message of many lines
+# Without readline a terminal hands over a line in its canonical mode, which keeps 4,095 characters
+# of it on Linux (1,023 on macOS) and drops the rest without a word.
+TTY_LINE_LIMIT = 1023 if sys.platform == "darwin" else 4095
+
+
+def read_message() -> str | None:
+    """The next message typed at the prompt: a line, or the lines between two lines of \"\"\" (a
+    paste of many lines); None for Ctrl-D or Ctrl-C. A line that may have been cut by the terminal
+    is not sent (an empty message) and said so."""
+    line = read_line("you> ")
+    lines = [line]
+    if line is not None and line.strip() == MANY_LINES:
+        lines = []
+        while (line := read_line("... ")) is not None and line.strip() != MANY_LINES:
+            lines.append(line)
+        if line is None:
+            return None
+    if line is None:
+        return None
+    if any(len(one) >= TTY_LINE_LIMIT for one in lines) and cut_by_the_terminal():
+        print(f"(not sent: a line reached the terminal's limit of {TTY_LINE_LIMIT:,} characters, and what "
+              f"followed it was dropped; break the text into shorter lines between two lines of {MANY_LINES})")
+        return ""
+    return "\n".join(lines)
+
+
+def cut_by_the_terminal() -> bool:
+    """Whether input() reads from a terminal in its canonical mode (readline reads key by key, and a
+    pipe has no line limit)."""
+    return sys.stdin.isatty() and not (readline is not None and sys.stdout.isatty())
+
+
 def read_line(prompt: str) -> str | None:
-    """A line typed at the prompt; None for Ctrl-D or Ctrl-C (then the shell's prompt starts on a
-    line of its own)."""
+    """A line typed at the prompt, with readline's editing and history where there is readline;
+    None for Ctrl-D or Ctrl-C (then the shell's prompt starts on a line of its own)."""
     try:
         return input(prompt)
     except (EOFError, KeyboardInterrupt):
@@ -511,7 +531,7 @@ def answer_file(model, tok, cfg: Config, s: Settings, rank: int):
         it["ids"] = tok.encode_dialog(it["history"] + [it["prompt"]])
         if len(it["ids"]) >= total:
             raise ValueError(f"{cfg.prompts}: prompt {it['id']} is {len(it['ids'])} tokens, leaving no "
-                             f"room for an answer within {total}; shorten it or raise --max_tokens")
+                             f"room for an answer within {total}; shorten it or raise --max_len")
     if rank == 0:
         print(f"{len(answered)} prompts already answered in {out}; {len(items)} to go", file=sys.stderr)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -545,42 +565,21 @@ def interrupted_note(note: str):
 
 # ---- command line ----
 
-def check_modes(cfg: Config):
-    """Exactly one of --prompt, --chat, --prompts (with its --out, and its prompts readable), and
-    a --device torch can name: refused before minutes of loading, none silently ignored."""
-    modes = [f"--{name}" for name in ("prompt", "chat", "prompts") if getattr(cfg, name)]
-    if not modes:
-        raise ValueError("nothing to do: give --prompt TEXT, --chat, or --prompts FILE --out FILE")
-    if len(modes) > 1:
-        raise ValueError(f"{' and '.join(modes)} are given: choose one")
-    if cfg.out and not cfg.prompts:
-        raise ValueError(f"--out {cfg.out} is where --prompts writes its answers: give --prompts FILE too")
-    if cfg.prompts:
-        if not cfg.out:
-            raise ValueError("--prompts needs --out FILE.jsonl for the answers")
-        read_prompts(cfg.prompts)
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, not {cfg.device!r}")
-
-
 def main(argv: list[str]):
     try:
         cfg, _ = parse_config(Config, argv)
-        if not cfg.checkpoint:
-            raise ValueError("--checkpoint DIR is required (see --help)")
         check_modes(cfg)  # before anything is loaded
-        device = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {cfg.device}: no CUDA device is available here; use --device cpu")
-        auto_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else auto_dtype
+        if cfg.prompts:
+            read_prompts(cfg.prompts)  # readable, not empty, ids unique
+        device = resolve_device(cfg.device)
+        dtype = resolve_dtype(cfg.dtype, device)
         rank, world_size, device = tp.init_distributed(device)
-        model, tok = load_model(cfg.checkpoint)  # memory-mapped on the CPU: nothing read yet
+        model, tok = checkpoint.load_model(cfg.checkpoint)  # memory-mapped on the CPU: nothing read yet
         if world_size > 1:
             tp.apply_tp(model, rank, world_size)  # each rank keeps 1/world_size of every block
-        model = to_device(model, device, dtype)  # only now are the weights (this rank's) read
-        if cfg.max_tokens > model.args.max_seq_len and rank == 0:
-            print(f"note: --max_tokens {cfg.max_tokens} is capped at the model's max_seq_len "
+        model.to_device(device, dtype)  # only now are the weights (this rank's) read
+        if cfg.max_len > model.args.max_seq_len and rank == 0:
+            print(f"note: --max_len {cfg.max_len} is capped at the model's max_seq_len "
                   f"{model.args.max_seq_len}", file=sys.stderr)
         s = Settings(**{f.name: getattr(cfg, f.name) for f in fields(Settings)})
         if cfg.chat:

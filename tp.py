@@ -22,12 +22,12 @@ import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 
-def init_distributed(device: str) -> tuple[int, int, torch.device]:
+def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
     """Join torchrun's process group if there is one: NCCL on GPUs, gloo on the CPU."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
-        return 0, 1, torch.device(device)
-    if device.startswith("cuda"):
+        return 0, 1, device
+    if device.type == "cuda":
         dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(dev)
         dist.init_process_group("nccl", device_id=dev)

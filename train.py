@@ -17,65 +17,44 @@ Every option, with its default:
     python train.py --help
 """
 
-import gc
-import json
-import math
-import os
-import signal
 import sys
-import time
-import warnings
 from dataclasses import asdict, dataclass, replace
-from functools import partial
-from pathlib import Path
 from typing import Annotated, Literal
 
-import torch
-import torch.distributed as dist
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard,
-                                    register_fsdp_forward_method)
-from torch.distributed.tensor import DTensor
-from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
-from tqdm import tqdm
+from cli import Range, check_fields, parse_config, parse_or_exit
 
-import checkpoint
-import memory
-from cli import Range, check_fields, parse_config
-from data import IGNORE, Batches, DataError, Tokenizer, collate, load_dataset, plan_batch
-from model import (CONFIGS, ModelArgs, Transformer, check_state_dict, extend_vocab, load_weights_file,
-                   vocab_rows)
-from optim import AdamWBF16, local
+# model.py's CONFIGS by name (and below, --weights: memory.WEIGHTS), spelled out so that the command
+# line is read without torch; tests/test_cli.py checks that they agree.
+PRESETS = ("llama-7b", "llama-13b", "llama-33b", "llama-65b", "llama2-7b", "llama2-13b", "llama2-70b", "tiny")
 
 
 @dataclass
 class TrainConfig:
     # What to train. --init is a directory written by convert.py (params.json, model.pth,
     # tokenizer.model); the default is the CPU demo's small pretrained base (data/make_demo.py).
-    init: str = "data/base"  # "": random weights of --preset, with --tokenizer
-    preset: Literal[*CONFIGS] = "tiny"  # the model's shape with --init ""
+    init: str = "data/base"  # the model to fine-tune, a directory written by convert.py; "": --preset from random weights
+    preset: Literal[*PRESETS] = "tiny"  # the shape of a model from random weights, with --init "" (model.py CONFIGS)
     tokenizer: str = "data/tokenizer.model"  # with --init "" (a converted directory brings its own)
-    data: str = "data/demo/train.jsonl"
+    data: str = "data/demo/train.jsonl"  # the training conversations: jsonl in LIMA's format (data.py)
     dev: str = "data/demo/dev.jsonl"  # dev loss after every epoch; "" to skip
-    out: str = "out/demo"
+    out: str = "out/demo"  # the run's folder: its checkpoints (epoch-NN), metrics.jsonl, config.json
     # LIMA's recipe (section 2 of the paper).
-    epochs: Annotated[int, Range(ge=1)] = 15
+    epochs: Annotated[int, Range(ge=1)] = 15  # passes over --data
     global_batch: Annotated[int, Range(ge=0)] = 0  # examples per optimizer step over all ranks; 0: 32 for 65B, 64 smaller
-    lr: Annotated[float, Range(gt=0)] = 1e-5
+    lr: Annotated[float, Range(gt=0)] = 1e-5  # the learning rate of the first step, decaying to --final_lr
     final_lr: Annotated[float, Range(gt=0)] = 1e-6  # linear decay from lr to final_lr over the whole run, no warmup
-    beta1: Annotated[float, Range(ge=0, lt=1)] = 0.9
-    beta2: Annotated[float, Range(ge=0, lt=1)] = 0.95
-    weight_decay: Annotated[float, Range(ge=0)] = 0.1
+    beta1: Annotated[float, Range(ge=0, lt=1)] = 0.9  # AdamW's decay rate of its first moment (the mean gradient)
+    beta2: Annotated[float, Range(ge=0, lt=1)] = 0.95  # AdamW's decay rate of its second moment (the squared gradient)
+    weight_decay: Annotated[float, Range(ge=0)] = 0.1  # AdamW's decoupled weight decay, on matrices and embeddings (not norm gains)
     resid_dropout: Annotated[float, Range(ge=0, lt=1, also=(-1,))] = -1.0  # top layer's residual dropout; -1: 0.3 for 65B, 0.2 smaller
     max_len: Annotated[int, Range(ge=1)] = 2048  # longer conversations are trimmed (counted and reported)
     train_on_prompt: bool = False  # LIMA trains on the responses only
     grad_clip: Annotated[float, Range(ge=0)] = 0.0  # max global grad norm; 0: off (LIMA does not mention clipping)
-    seed: Annotated[int, Range(ge=0, lt=2**32)] = 0
+    seed: Annotated[int, Range(ge=0, lt=2**32)] = 0  # the data order, the random init and dropout
     # How to run it.
     max_tokens: Annotated[int, Range(ge=0)] = 0  # tokens in one packed row (a micro-step) per rank; 0: 4096, or a rank's whole share with --step_in_backward
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # compute dtype: auto is bf16 on GPU, fp32 on CPU
-    weights: Literal["auto", *memory.WEIGHTS] = "auto"  # fp32 (fp32 AdamW), bf16_kahan or bf16_sr (optim.py); auto: the most precise that fits
+    weights: Literal["auto", "fp32", "bf16_kahan", "bf16_sr"] = "auto"  # fp32 (fp32 AdamW), bf16_kahan or bf16_sr (optim.py); auto: the most precise that fits
     step_in_backward: Literal["auto", "true", "false"] = "auto"  # true: step each parameter as its gradient arrives (no whole-model gradients); auto: if needed to fit
     ac: Literal["full", "selective", "none"] = "full"  # activation checkpointing per block: full, selective or none
     offload: bool = False  # FSDP CPU offload of parameters, gradients and optimizer state
@@ -98,6 +77,39 @@ class TrainConfig:
 # train.py says so when they apply; every other value is the paper's.
 TOY_PARAMS = 100_000_000
 TOY = dict(global_batch=8, lr=3e-4, final_lr=3e-5)
+
+
+# The command line is read before torch is imported (a second or two), so that --help and a
+# mistyped option answer at once: all of the above needs only the standard library.
+if __name__ == "__main__":
+    parse_or_exit(TrainConfig, sys.argv[1:])
+
+import gc
+import json
+import math
+import os
+import signal
+import time
+import warnings
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard,
+                                    register_fsdp_forward_method)
+from torch.distributed.tensor import DTensor
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+from tqdm import tqdm
+
+import checkpoint
+import memory
+from data import IGNORE, Batches, DataError, Tokenizer, collate, load_dataset, pack_batch
+from model import (CONFIGS, ModelArgs, Transformer, check_state_dict, extend_vocab, load_weights_file,
+                   resolve_dtype, vocab_rows)
+from optim import AdamWBF16, local
 
 
 # ---- LIMA's schedule and loss, each with its reason ----
@@ -332,9 +344,7 @@ def build_model(cfg: TrainConfig, args: ModelArgs, device) -> Transformer:
     if cfg.compile:
         for i, block in enumerate(model.layers):
             model.layers[i] = torch.compile(block, dynamic=True)
-    compute_dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-                     "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.dtype]
-    apply_fsdp(model, cfg, compute_dtype)
+    apply_fsdp(model, cfg, resolve_dtype(cfg.dtype, device))
     model.to_empty(device="cpu" if cfg.offload else device)
     if cfg.init:
         model.init_buffers()
@@ -465,7 +475,7 @@ def check_every_step_trains(batches: Batches, train_set, cfg: TrainConfig):
 def check_one_row(batches: Batches, start: int, total_steps: int):
     """--step_in_backward: every step left must give each rank a single row; else refuse now."""
     for step in range(start, total_steps):
-        rows = len(batches.plan(*divmod(step, batches.steps_per_epoch))[0])
+        rows = len(batches.rows(*divmod(step, batches.steps_per_epoch))[0])
         if rows > 1:
             raise ValueError(f"--step_in_backward needs one row per rank at every step, but step "
                              f"{step + 1} packs into {rows} rows of --max_tokens {batches.max_tokens}: "
@@ -487,9 +497,9 @@ def stop_if_not_finite(step: int, out: Path, loss: float, grad_norm: float | Non
 def dev_loss(model, examples, cfg: TrainConfig, rank: int, world_size: int, device) -> float:
     """Mean per-token loss on the dev set, shared out over the ranks by the same packing."""
     model.eval()
-    plan = plan_batch([len(e["tokens"]) for e in examples], world_size, cfg.max_tokens)
+    packing = pack_batch([len(e["tokens"]) for e in examples], world_size, cfg.max_tokens)
     total = torch.zeros(2, device=device)  # (loss sum, trained tokens)
-    for idxs in plan[rank]:
+    for idxs in packing[rank]:
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(examples, idxs).items()}
         h = model.hidden(batch["tokens"], batch["positions"], batch["doc_lens"])
         total[0] += loss_sum(h, model.output.weight, batch["targets"])
@@ -555,7 +565,7 @@ def train(cfg: TrainConfig):
         epoch, step_in_epoch = divmod(step, batches.steps_per_epoch)
         t0 = time.perf_counter()
         idxs = batches.global_batch_indices(epoch, step_in_epoch)
-        plan = batches.plan(epoch, step_in_epoch)  # plan[rank][micro-step] = examples in that row
+        rows = batches.rows(epoch, step_in_epoch)  # rows[rank][micro-step] = examples in that row
         n_global = sum(train_set.examples[i]["n_trained"] for i in idxs)
         lengths = [len(train_set.examples[i]["tokens"]) for i in idxs]
         n_tokens = sum(lengths)
@@ -563,14 +573,14 @@ def train(cfg: TrainConfig):
         for group in optimizer.param_groups:
             group["lr"] = lr
         if stepper:
-            loss_sum_row = row_loss(model, train_set.examples, plan[rank][0], device)
+            loss_sum_row = row_loss(model, train_set.examples, rows[rank][0], device)
             loss = global_loss(loss_sum_row, n_global)  # the whole batch's, before backward touches any weight
             stop_if_not_finite(step, out, loss)
             (loss_sum_row * world_size / n_global).backward()  # every parameter is stepped in it
             grad_norm = stepper.grad_norm()
             stop_if_not_finite(step, out, loss, grad_norm, stepped=True)
         else:
-            loss = global_loss(run_micro_steps(model, train_set.examples, plan[rank], n_global, device,
+            loss = global_loss(run_micro_steps(model, train_set.examples, rows[rank], n_global, device,
                                                world_size), n_global)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
             grad_norm = (grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm).item()
@@ -739,7 +749,7 @@ def choose_memory(cfg: TrainConfig, args: ModelArgs, world_size: int, device, sa
     host_gb = memory.host_available_gb() - ranks_here * memory.PROCESS_GB  # for --offload's state
     base = memory.Options(world_size=world_size, gpus_per_node=ranks_here, max_tokens=cfg.max_tokens,
                           ac=cfg.ac, offload=cfg.offload, gpu_gb=budget_gb, host_gb=host_gb if cfg.offload else 0.0,
-                          compute_bytes=2 if device.type == "cuda" and cfg.dtype != "fp32" else 4)
+                          compute_bytes=resolve_dtype(cfg.dtype, device).itemsize)
     options = memory.candidates(base, cfg.weights, cfg.step_in_backward, cfg.global_batch, cfg.max_len,
                                 cfg.grad_clip > 0)
     chosen, plans = memory.choose(args, options)
@@ -772,7 +782,8 @@ def print_plan(cfg: TrainConfig):
         args = ModelArgs.from_name(cfg.preset, vocab_size=32001)
     global_batch = cfg.global_batch or lima_size_defaults(memory.param_counts(args)[0])["global_batch"]
     base = memory.Options(world_size=cfg.world_size, max_tokens=cfg.max_tokens, ac=cfg.ac,
-                          offload=cfg.offload, gpu_gb=cfg.gpu_gb)
+                          offload=cfg.offload, gpu_gb=cfg.gpu_gb,
+                          compute_bytes=resolve_dtype(cfg.dtype, "cuda").itemsize)  # planned GPUs
     options = memory.candidates(base, cfg.weights, cfg.step_in_backward, global_batch, cfg.max_len,
                                 cfg.grad_clip > 0)
     print(memory.format_choice(args, options))

@@ -69,7 +69,7 @@ def response_lengths() -> tuple[list[int], str]:
 
 
 def run_ours(model, prompts, limits, cfg) -> None:
-    s = replace(LIMA, max_tokens=cfg.prompt_len + cfg.max_answer)
+    s = replace(LIMA, max_len=cfg.prompt_len + cfg.max_answer)
     generate(model, prompts, s, eot_id=-1, slots=cfg.rows, limits=limits)
 
 

@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data import Batches, DataError, Tokenizer, least_paid, load_dataset, plan_cost  # noqa: E402
+from data import Batches, DataError, Tokenizer, least_paid, load_dataset, packing_cost  # noqa: E402
 
 
 def padded_cost(lengths: list[int], world_size: int, micro_batch: int) -> tuple[int, int]:
@@ -58,16 +58,16 @@ def bench(lengths: list[int], world_size: int, args) -> dict:
         for step in range(batches.steps_per_epoch):
             sizes = [lengths[i] for i in batches.global_batch_indices(epoch, step)]
             t0 = time.perf_counter()
-            plan = batches.plan(epoch, step)
+            packing = batches.rows(epoch, step)
             plan_s += time.perf_counter() - t0
-            real, paid = plan_cost(plan, lengths)
+            real, paid = packing_cost(packing, lengths)
             add("packed", real, paid)
             add("floor", real, least_paid(sizes, world_size))
             if len(sizes) == args.global_batch:
                 add("packed, full batches", real, paid)
             for b in args.micro_batches:
                 add(f"padded b={b}", *padded_cost(sizes, world_size, b))
-            micro_steps += len(plan[0])
+            micro_steps += len(packing[0])
             n_batches += 1
             longest_dominates += max(sizes) > sum(sizes) / world_size
     row = {"ranks": world_size}

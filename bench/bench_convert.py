@@ -11,14 +11,14 @@ checkpoint here has 65B's exact tensors (dim 8192, feed-forward 22016, vocab 320
 shards) but only a few layers: one layer is 1.62 GB, the whole 65B 130.6 GB. A straight line through
 the measured peaks against the checkpoint's total size, evaluated at 130.6 GB, is the extrapolation;
 its slope says how much (if anything) the peak grows with the model. The deepest checkpoint is also
-loaded by Transformer.from_pretrained (memory-mapped: nothing should be read), exported to HF
-(--to-hf, files of at most 5 GB, so its peak follows the file size) and imported back.
+loaded by checkpoint.load_converted (memory-mapped: nothing should be read), exported to HF
+(--to_hf, files of at most 5 GB, so its peak follows the file size) and imported back.
 
 Each command runs as a child process: its peak resident memory comes from the kernel (wait4's
 ru_maxrss, which counts the file pages mapped at the time too), and the split into anonymous memory
 and file-backed pages from polling /proc/PID/status. Checkpoints are written under --workdir, which
 must be on a disk, not tmpfs (files there are memory), and removed afterwards. The tokenizer is only
-copied, except by --to-hf, which needs one with 32,000 pieces: Meta's, from shared/tokenizers.
+copied, except by --to_hf, which needs one with 32,000 pieces: Meta's, from shared/tokenizers.
 """
 
 import argparse
@@ -149,9 +149,9 @@ def main(argv):
             step(f"Meta MP {cfg.mp} -> model.pth, {depth} layer(s)", size, "convert.py", str(src), str(dst))
             shutil.rmtree(src.parent)
             if depth == max(depths):  # on the largest: loading it, and the way out to HF and back
-                step(f"Transformer.from_pretrained (CPU, mmap), {depth} layer(s)", size,
-                     "-c", f"from model import Transformer; Transformer.from_pretrained({str(dst)!r})")
-                step(f"--to-hf, {depth} layer(s)", size, "convert.py", "--to-hf", str(dst), str(work / "hf"))
+                step(f"checkpoint.load_converted (CPU, mmap), {depth} layer(s)", size, "-c",
+                     f"from pathlib import Path; import checkpoint; checkpoint.load_converted(Path({str(dst)!r}))")
+                step(f"--to_hf, {depth} layer(s)", size, "convert.py", "--to_hf", str(dst), str(work / "hf"))
                 step(f"HF safetensors -> model.pth, {depth} layer(s)", size,
                      "convert.py", str(work / "hf"), str(work / "back"))
                 shutil.rmtree(work / "hf")

@@ -27,8 +27,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model import ModelArgs, Transformer  # noqa: E402
-from sample import DTYPES, Settings, generate, parse_config  # noqa: E402
+from model import DTYPES, ModelArgs, Transformer  # noqa: E402
+from sample import Settings, generate, parse_config  # noqa: E402
 
 
 @dataclass
@@ -77,11 +77,10 @@ def bench(name: str, batch: int, cfg: BenchConfig, device, dtype) -> dict:
     with torch.device(device):
         model = Transformer(args)
         model.init_weights()
-    model = model.to(dtype=dtype).eval()
-    model.init_buffers()  # the RoPE table back to float32
+    model = model.to_device(dtype=dtype).eval()
     prompts = torch.randint(3, args.vocab_size, (batch, cfg.prompt_len)).tolist()
-    full = Settings(max_tokens=cfg.prompt_len + cfg.new_tokens, compile=cfg.compile)
-    first = replace(full, max_tokens=cfg.prompt_len + 1)  # prefill and the first token only
+    full = Settings(max_len=cfg.prompt_len + cfg.new_tokens, compile=cfg.compile)
+    first = replace(full, max_len=cfg.prompt_len + 1)  # prefill and the first token only
     timed_generate(model, prompts, full, device)  # warm-up: allocation, and compilation if any
     t_full = statistics.median(timed_generate(model, prompts, full, device) for _ in range(cfg.repeats))
     t_first = statistics.median(timed_generate(model, prompts, first, device) for _ in range(cfg.repeats))

@@ -70,7 +70,7 @@ def hf_generate(hf, prompts: torch.Tensor, s: Settings, new: int, static: bool) 
 
 def run(arm: str, ours, hf, prompts: torch.Tensor, s: Settings, new: int) -> list[list[int]]:
     if arm == "ours":
-        return generate(ours, prompts.tolist(), replace(s, max_tokens=prompts.size(1) + new), eot_id=-1)
+        return generate(ours, prompts.tolist(), replace(s, max_len=prompts.size(1) + new), eot_id=-1)
     return hf_generate(hf, prompts, s, new, static=arm == "hf-static").tolist()
 
 

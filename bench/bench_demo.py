@@ -43,7 +43,7 @@ DEV = ROOT / "data" / "demo" / "dev.jsonl"
 @dataclass
 class Config:
     epochs_read: str = "15"  # the fine-tune's epochs whose answers are graded, e.g. 5-15
-    max_tokens: int = 128  # prompt + answer; the taught answers are under 20 tokens
+    max_len: int = 128  # prompt + answer; the taught answers are under 20 tokens
     results: str = "bench/results.md"  # "" to print only
 
 
@@ -77,7 +77,7 @@ def run(argv: list[str], log: Path) -> float:
 
 def answer(checkpoint: Path, out: Path, cfg: Config, log: Path) -> dict[str, dict]:
     run(["sample.py", "--checkpoint", str(checkpoint), "--prompts", str(DEV), "--out", str(out),
-         "--temperature", "0", "--max_tokens", str(cfg.max_tokens)], log)
+         "--temperature", "0", "--max_len", str(cfg.max_len)], log)
     return {str(r["id"]): r for r in map(json.loads, out.read_text().splitlines())}
 
 

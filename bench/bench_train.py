@@ -123,14 +123,14 @@ def train_config(cfg: BenchConfig, ac: str) -> train.TrainConfig:
 
 
 def run_ours(cfg: BenchConfig, args, exs, ac: str) -> dict:
-    """train.py's step, as in train.train: plan, micro-steps, all-reduce, grad norm, AdamW."""
+    """train.py's step, as in train.train: packing, micro-steps, all-reduce, grad norm, AdamW."""
     rank, world_size, device = train.setup_distributed()
     tcfg = train_config(cfg, ac)
     model = train.build_model(tcfg, args, device)
     optimizer = train.build_optimizer(model, tcfg)
     batches = Batches([len(e["tokens"]) for e in exs], cfg.global_batch, world_size, cfg.max_tokens)
     model.train()
-    warm = batches.plan(0, 0)[rank][:1]  # the largest row of the first batch: allocates the most
+    warm = batches.rows(0, 0)[rank][:1]  # the largest row of the first batch: allocates the most
     train.run_micro_steps(model, exs, warm, 1, device, world_size)
     optimizer.zero_grad(set_to_none=True)
     times, trained, positions = [], 0, 0
@@ -138,9 +138,9 @@ def run_ours(cfg: BenchConfig, args, exs, ac: str) -> dict:
         dist_barrier()
         t0 = time.perf_counter()
         idxs = batches.global_batch_indices(0, step)
-        plan = batches.plan(0, step)
+        packing = batches.rows(0, step)
         n_global = sum(exs[i]["n_trained"] for i in idxs)
-        loss = train.run_micro_steps(model, exs, plan[rank], n_global, device, world_size)
+        loss = train.run_micro_steps(model, exs, packing[rank], n_global, device, world_size)
         torch.distributed.all_reduce(loss)
         loss = loss.item() / n_global
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
@@ -151,7 +151,7 @@ def run_ours(cfg: BenchConfig, args, exs, ac: str) -> dict:
         trained += n_global
         positions += sum(len(exs[i]["tokens"]) for i in idxs)
     result = dict(times=times, trained=trained, positions=positions, computed=positions, loss=loss,
-                  micro_steps=len(plan[rank]), rank=rank, peak_rss_gb=peak_rss_gb())
+                  micro_steps=len(packing[rank]), rank=rank, peak_rss_gb=peak_rss_gb())
     torch.distributed.destroy_process_group()
     return result
 
@@ -164,7 +164,7 @@ def dist_barrier():
 def hf_micro_batches(cfg: BenchConfig, arm: str, exs, batches: Batches, step: int) -> list[dict]:
     """The HF arm's micro-batches of one global batch: padded (hf-bN) or packed (hf-packed)."""
     if arm == "hf-packed":
-        return [dict(collate(exs, row), packed=True) for row in batches.plan(0, step)[0]]
+        return [dict(collate(exs, row), packed=True) for row in batches.rows(0, step)[0]]
     b = int(arm.split("-")[1][1:])
     idxs = batches.global_batch_indices(0, step)
     order = np.random.default_rng([1, step]).permutation(idxs).tolist()  # the usual random order
@@ -239,7 +239,7 @@ def run_check(cfg: BenchConfig, args, exs) -> dict:
     ours = train.build_model(train_config(cfg, "none"), args, device).eval()
     hf = hf_llama(args, {k: v.full_tensor() for k, v in ours.state_dict().items()}).eval()
     batches = Batches([len(e["tokens"]) for e in exs], cfg.global_batch, 1, cfg.max_tokens)
-    row = min(batches.plan(0, 0)[0], key=len)[:4]  # a few conversations, to keep it quick
+    row = min(batches.rows(0, 0)[0], key=len)[:4]  # a few conversations, to keep it quick
     packed = collate(exs, row)
     ref = ours(packed["tokens"], packed["positions"], packed["doc_lens"])[0]  # (L, V)
     alone = torch.cat([hf(torch.tensor([exs[i]["tokens"]])).logits[0] for i in row])
@@ -263,7 +263,7 @@ def run_profile(cfg: BenchConfig, args, exs) -> dict:
     batches = Batches([len(e["tokens"]) for e in exs], cfg.global_batch, 1, cfg.max_tokens)
     idxs = batches.global_batch_indices(0, 0)
     n = sum(exs[i]["n_trained"] for i in idxs)
-    rows = batches.plan(0, 0)[0][:1]
+    rows = batches.rows(0, 0)[0][:1]
     train.run_micro_steps(model, exs, rows, n, device, 1)  # warm-up
     out = {}
     with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -2,7 +2,7 @@
     python bench/check_hf_export.py
     python bench/check_hf_export.py --help
 
-Checks convert.py --to-hf against Hugging Face transformers in the benchmark environment (pip install
+Checks convert.py --to_hf against Hugging Face transformers in the benchmark environment (pip install
 -r bench/requirements.txt), for the project's tokenizer (data/tokenizer.model) and Meta's LLaMA
 tokenizer where this machine has it (bench/common.py's path). A tiny random model with LIMA's EOT
 row is exported, then read back in a child process where sentencepiece, protobuf and tiktoken
@@ -38,10 +38,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import convert  # noqa: E402
+from checkpoint import load_model  # noqa: E402
 from cli import parse_config  # noqa: E402
 from common import LIMA_DATA, LLAMA_TOKENIZER, machine, markdown  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
-from sample import Settings, generate, load_model  # noqa: E402
+from sample import Settings, generate  # noqa: E402
 
 
 @dataclass
@@ -85,7 +86,7 @@ def conversation_turns(path: Path) -> list[str]:
 
 
 def write_tiny(tokenizer: Path, src: Path):
-    """A tiny random LLaMA with an EOT row, in this project's format (what convert.py --to-hf reads)."""
+    """A tiny random LLaMA with an EOT row, in this project's format (what convert.py --to_hf reads)."""
     n = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer)).get_piece_size()
     args = ModelArgs.from_name("tiny", vocab_size=n + 1)
     torch.manual_seed(0)
@@ -111,7 +112,7 @@ def check(label: str, tokenizer: Path, texts: dict[str, list[str]], cfg: CheckCo
         size_mb = (hf / "tokenizer.json").stat().st_size / 1e6
         model, tok = load_model(src)
         prompt = tok.encode_dialog([cfg.prompt])  # BOS, the prompt, EOT: what sample.py --prompt answers
-        greedy = Settings(temperature=0, repetition_penalty=1.0, max_tokens=len(prompt) + cfg.new_tokens)
+        greedy = Settings(temperature=0, repetition_penalty=1.0, max_len=len(prompt) + cfg.new_tokens)
         ours = generate(model, [prompt], greedy, tok.eot_id)[0]
         request = dict(dir=str(hf), texts=[text for group in texts.values() for text in group],
                        prompt=cfg.prompt + convert.EOT, new_tokens=cfg.new_tokens)

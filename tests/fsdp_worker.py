@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train  # noqa: E402
-from data import IGNORE, plan_batch  # noqa: E402
+from data import IGNORE, pack_batch  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 
 
@@ -64,18 +64,18 @@ def main(in_dir, out_file, max_tokens, ac, weights="fp32", in_backward="false"):
     optimizer = train.build_optimizer(model, cfg)
 
     examples = torch.load(in_dir / "examples.pt", weights_only=True)
-    plan = plan_batch([len(e["tokens"]) for e in examples], world_size, cfg.max_tokens)
+    packing = pack_batch([len(e["tokens"]) for e in examples], world_size, cfg.max_tokens)
     n_global = sum(sum(t != IGNORE for t in e["targets"]) for e in examples)
     if in_backward == "true":
-        assert len(plan[rank]) == 1
+        assert len(packing[rank]) == 1
         stepper = MeasuredStepInBackward(model, optimizer, device)
         stepper.params = list(model.parameters())
-        loss = train.row_loss(model, examples, plan[rank][0], device)
+        loss = train.row_loss(model, examples, packing[rank][0], device)
         (loss * world_size / n_global).backward()  # steps every parameter, creating AdamW's state
         loss = loss.detach()
         grad_bytes = stepper.most
     else:
-        loss = train.run_micro_steps(model, examples, plan[rank], n_global, device, world_size)
+        loss = train.run_micro_steps(model, examples, packing[rank], n_global, device, world_size)
         grad_bytes = local_bytes(p.grad for p in model.parameters())
         optimizer.step()  # creates AdamW's state, so that its bytes can be counted
     torch.distributed.all_reduce(loss)
@@ -87,7 +87,7 @@ def main(in_dir, out_file, max_tokens, ac, weights="fp32", in_backward="false"):
     grads = {name.replace("_checkpoint_wrapped_module.", ""): p.grad.full_tensor()
              for name, p in model.named_parameters() if p.grad is not None}
     if rank == 0:
-        torch.save(dict(grads=grads, loss=loss.item() / n_global, micro_steps=len(plan[0]),
+        torch.save(dict(grads=grads, loss=loss.item() / n_global, micro_steps=len(packing[0]),
                         bytes=torch.stack(all_sizes)), out_file)
 
 

@@ -154,13 +154,12 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(init_dir, tmp_path
     assert max(losses(out)) == 8
 
 
-def test_exported_epoch_loads_in_sample_and_gives_the_training_models_logits(init_dir, tmp_path):
-    from sample import load_model
+def test_exported_epoch_loads_and_gives_the_training_models_logits(init_dir, tmp_path):
     run(train_args(init_dir, tmp_path))
     ckpt = tmp_path / "epoch-01"
     trained, tok = checkpoint.load_model(ckpt)  # straight from the sharded training checkpoint
     checkpoint.export(ckpt, tmp_path / "export", dtype=torch.float32)
-    exported, tok2 = load_model(tmp_path / "export", "cpu", torch.float32)
+    exported, tok2 = checkpoint.load_model(tmp_path / "export", "cpu", torch.float32)  # the converted format
     tokens = torch.tensor([tok.encode_dialog(["How do I boil an egg?"])])
     torch.testing.assert_close(exported(tokens), trained(tokens), rtol=0, atol=0)
     assert trained.args.vocab_size == tok.vocab_size == tok2.vocab_size  # EOT included

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import data
 from data import (EOT_TEXT, IGNORE, Batches, DataError, Tokenizer, collate, least_paid, load_conversations,
-                  load_dataset, plan_batch, plan_cost, tokenize_conversation)
+                  load_dataset, pack_batch, packing_cost, tokenize_conversation)
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN, DEV = ROOT / "data/demo/train.jsonl", ROOT / "data/demo/dev.jsonl"
@@ -166,10 +166,10 @@ def test_packed_losses_equal_one_at_a_time(tok):
     torch.manual_seed(0)
     model = TinyCausalLM(tok.vocab_size).double()
     alone = [token_losses(model, collate(examples, [i])) for i in range(len(examples))]
-    plan = plan_batch(lengths, world_size=2, max_tokens=300)
-    assert sorted(i for rows in plan for row in rows for i in row) == list(range(len(examples)))
-    assert max(len(row) for rows in plan for row in rows) > 1  # something really is packed
-    for row in (row for rows in plan for row in rows):
+    packing = pack_batch(lengths, world_size=2, max_tokens=300)
+    assert sorted(i for rows in packing for row in rows for i in row) == list(range(len(examples)))
+    assert max(len(row) for rows in packing for row in rows) > 1  # something really is packed
+    for row in (row for rows in packing for row in rows):
         batch = collate(examples, row)
         packed = token_losses(model, batch)
         torch.testing.assert_close(packed, torch.cat([alone[i] for i in row]), rtol=1e-12, atol=1e-12)
@@ -177,7 +177,7 @@ def test_packed_losses_equal_one_at_a_time(tok):
             assert not torch.allclose(token_losses(model, batch, doc_mask=False), packed)
     # The loss over the global batch, summed and divided by its trained tokens, is the same too.
     n_trained = sum(e["n_trained"] for e in examples)
-    packed_loss = sum(token_losses(model, collate(examples, row)).sum() for rows in plan for row in rows)
+    packed_loss = sum(token_losses(model, collate(examples, row)).sum() for rows in packing for row in rows)
     torch.testing.assert_close(packed_loss / n_trained, torch.cat(alone).sum() / n_trained)
 
 
@@ -199,7 +199,7 @@ def test_an_empty_row_runs_and_trains_nothing(tok):
     assert loss.item() == 0 and all(p.grad is None or not p.grad.any() for p in model.parameters())
 
 
-# ---- the batching plan ----
+# ---- packing the batches into rows ----
 
 def lima_like_lengths(n, seed):
     """Lengths shaped like LIMA's with Meta's tokenizer: median ~490, long tail, trimmed at 2048."""
@@ -208,37 +208,37 @@ def lima_like_lengths(n, seed):
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 8, 16])
-def test_plan_is_complete_lockstep_and_fits(world_size):
+def test_packing_is_complete_lockstep_and_fits(world_size):
     for seed in range(10):
         lengths = lima_like_lengths(32, seed)
-        plan = plan_batch(lengths, world_size, max_tokens=4096)
-        assert len(plan) == world_size
-        assert len({len(rows) for rows in plan}) == 1  # every rank runs the same number of micro-steps
-        assert sorted(i for rows in plan for row in rows for i in row) == list(range(32))
-        assert all(sum(lengths[i] for i in row) <= 4096 for rows in plan for row in rows)
-        assert plan == plan_batch(list(lengths), world_size, 4096)  # a pure function: every rank agrees
+        packing = pack_batch(lengths, world_size, max_tokens=4096)
+        assert len(packing) == world_size
+        assert len({len(rows) for rows in packing}) == 1  # every rank runs the same number of micro-steps
+        assert sorted(i for rows in packing for row in rows for i in row) == list(range(32))
+        assert all(sum(lengths[i] for i in row) <= 4096 for rows in packing for row in rows)
+        assert packing == pack_batch(list(lengths), world_size, 4096)  # a pure function: every rank agrees
 
 
-def test_plan_wastes_little_beyond_the_floor():
+def test_packing_wastes_little_beyond_the_floor():
     # On 8 ranks a LIMA-sized batch fits one row per rank; the waste is the ranks' imbalance.
     real = paid = floor = 0
     for seed in range(20):
         lengths = lima_like_lengths(32, seed)
-        r, p = plan_cost(plan_batch(lengths, 8, 4096), lengths)
+        r, p = packing_cost(pack_batch(lengths, 8, 4096), lengths)
         real, paid, floor = real + r, paid + p, floor + least_paid(lengths, 8)
     assert 1 - real / paid < 0.03 and paid / floor < 1.01
 
 
-def test_plan_with_fewer_examples_than_ranks():
-    plan = plan_batch([300, 200, 100], world_size=8, max_tokens=512)
-    assert [len(rows) for rows in plan] == [1] * 8
-    assert sum(not rows[0] for rows in plan) == 5  # five ranks get a stand-in row (see collate)
-    assert plan_cost(plan, [300, 200, 100]) == (600, 8 * 300)
+def test_packing_with_fewer_examples_than_ranks():
+    packing = pack_batch([300, 200, 100], world_size=8, max_tokens=512)
+    assert [len(rows) for rows in packing] == [1] * 8
+    assert sum(not rows[0] for rows in packing) == 5  # five ranks get a stand-in row (see collate)
+    assert packing_cost(packing, [300, 200, 100]) == (600, 8 * 300)
 
 
-def test_plan_rejects_an_example_longer_than_a_row():
+def test_packing_rejects_an_example_longer_than_a_row():
     with pytest.raises(ValueError, match="max_tokens"):
-        plan_batch([100, 5000], 2, 4096)
+        pack_batch([100, 5000], 2, 4096)
 
 
 # ---- the epoch order ----
@@ -249,8 +249,8 @@ def test_every_rank_sees_the_same_order_and_each_example_once():
     for epoch in range(3):
         seen = []
         for step in range(Batches(lengths, 32, world_size, seed=7).steps_per_epoch):
-            # Each rank builds its own Batches (in its own process) and keeps plan[rank].
-            mine = [Batches(lengths, 32, world_size, 4096, seed=7).plan(epoch, step)[rank] for rank in range(world_size)]
+            # Each rank builds its own Batches (in its own process) and keeps packing[rank].
+            mine = [Batches(lengths, 32, world_size, 4096, seed=7).rows(epoch, step)[rank] for rank in range(world_size)]
             assert len({len(rows) for rows in mine}) == 1
             idxs = Batches(lengths, 32, world_size, 4096, seed=7).global_batch_indices(epoch, step)
             assert sorted(i for rows in mine for row in rows for i in row) == sorted(idxs)
@@ -263,30 +263,30 @@ def test_every_rank_sees_the_same_order_and_each_example_once():
 
 
 def test_order_is_the_same_in_another_process():
-    """No hidden state (a hash seed, a global RNG) leaks into the order or the plan."""
+    """No hidden state (a hash seed, a global RNG) leaks into the order or the packing."""
     lengths = lima_like_lengths(101, seed=1)
     code = ("import json, sys; from data import Batches; "
             "b = Batches(json.loads(sys.argv[1]), 32, 4, 4096, seed=7); "
-            "print(json.dumps([b.plan(e, s) for e in range(2) for s in range(b.steps_per_epoch)]))")
+            "print(json.dumps([b.rows(e, s) for e in range(2) for s in range(b.steps_per_epoch)]))")
     env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", code, json.dumps(lengths)], cwd=ROOT, env=env,
                          capture_output=True, text=True, check=True)
     torch.manual_seed(99)
     np.random.seed(99)  # the global RNGs must not matter
     b = Batches(lengths, 32, 4, 4096, seed=7)
-    assert json.loads(out.stdout) == [b.plan(e, s) for e in range(2) for s in range(b.steps_per_epoch)]
+    assert json.loads(out.stdout) == [b.rows(e, s) for e in range(2) for s in range(b.steps_per_epoch)]
 
 
 def test_resume_mid_epoch_replays_exactly():
     lengths = lima_like_lengths(101, seed=2)
     first = Batches(lengths, 16, 2, seed=3)
-    run = [(e, s, first.plan(e, s)) for e in range(3) for s in range(first.steps_per_epoch)]
+    run = [(e, s, first.rows(e, s)) for e in range(3) for s in range(first.steps_per_epoch)]
     stop = 9  # stopped after 9 steps: epoch 1, step 2 is next
     epoch, step = divmod(stop, first.steps_per_epoch)
     resumed = Batches(lengths, 16, 2, seed=3)  # a new process: nothing carried over but (epoch, step)
     rest = []
     while epoch < 3:
-        rest.append((epoch, step, resumed.plan(epoch, step)))
+        rest.append((epoch, step, resumed.rows(epoch, step)))
         epoch, step = divmod(epoch * resumed.steps_per_epoch + step + 1, resumed.steps_per_epoch)
     assert rest == run[stop:]
     # Resumed on another number of ranks, the same examples make up each optimizer step.

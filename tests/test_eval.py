@@ -2,6 +2,7 @@
 resumed annotation, a model judge against a scripted local server (good, malformed, slow and
 failing replies), the HTML report, subsets, and dev loss / answers from tiny checkpoints."""
 
+import html
 import json
 import math
 import re
@@ -17,6 +18,8 @@ from pathlib import Path
 import pytest
 
 import eval as ev
+import judge
+import report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,14 +58,14 @@ def test_win_tie_loss_per_baseline_matches_hand_count(tmp_path):
     records = ([pairwise_record(i, "alpaca", r) for i, r in enumerate(alpaca)]
                + [pairwise_record(i, "davinci", r) for i, r in enumerate(davinci)])
     records.append(pairwise_record(9, "alpaca", "win"))  # annotated again: replaces the loss
-    t = ev.win_tie_loss(records)
+    t = judge.win_tie_loss(records)
     assert t["alpaca"] == dict(n=10, win=60.0, tie=30.0, loss=10.0)
     assert t["davinci"] == dict(n=4, win=25.0, tie=25.0, loss=50.0)
     # a second annotator in the same file adds her judgements; she replaces nobody's
     records += [pairwise_record(i, "davinci", "win", "bo") for i in range(4)]
-    assert ev.win_tie_loss(records)["davinci"] == dict(n=8, win=62.5, tie=12.5, loss=25.0)
-    with pytest.raises(ev.EvalError, match="one file holds ana, bo"):
-        ev.agreement(records, records)
+    assert judge.win_tie_loss(records)["davinci"] == dict(n=8, win=62.5, tie=12.5, loss=25.0)
+    with pytest.raises(judge.EvalError, match="one file holds ana, bo"):
+        judge.agreement(records, records)
 
 
 def test_tie_discounted_agreement_matches_hand_computation():
@@ -71,15 +74,15 @@ def test_tie_discounted_agreement_matches_hand_computation():
     # 1 + 0.5 + 0 + 1 + 0.5 + 1 + 0 + 0.5 = 4.5 over 8; prompt 8 is judged by the first only
     r1 = [pairwise_record(i, "alpaca", r) for i, r in enumerate(one)] + [pairwise_record(8, "alpaca", "win")]
     r2 = [pairwise_record(i, "alpaca", r, "bo") for i, r in enumerate(two)]
-    score, n = ev.agreement(r1, r2)
+    score, n = judge.agreement(r1, r2)
     assert (score, n) == (4.5 / 8, 8)
-    assert ev.agreement(r1, r1) == (1.0, 9)
+    assert judge.agreement(r1, r1) == (1.0, 9)
 
 
 def test_rating_tally_is_percentages_of_answers():
     ratings = ["Excellent"] * 5 + ["Pass"] * 3 + ["Fail"] * 2
     records = [dict(id=i, system="epoch-07", annotator="ana", rating=r) for i, r in enumerate(ratings)]
-    assert ev.rating_tally(records) == {"epoch-07": dict(n=10, Excellent=50.0, Pass=30.0, Fail=20.0)}
+    assert judge.rating_tally(records) == {"epoch-07": dict(n=10, Excellent=50.0, Pass=30.0, Fail=20.0)}
 
 
 def test_tally_and_agreement_on_the_command_line(tmp_path):
@@ -96,8 +99,8 @@ def test_tally_and_agreement_on_the_command_line(tmp_path):
 def test_ab_order_is_random_recorded_and_undone(tmp_path):
     ours, base = answer_files(tmp_path, n=40)
     out = tmp_path / "ann.jsonl"
-    ev.compare(ours, base, out, "ana", ev.human(ev.VERDICTS, ask=oracle), seed=0)
-    records = ev.read_jsonl(out)
+    judge.compare(ours, base, out, "ana", judge.human(judge.VERDICTS, ask=oracle), seed=0)
+    records = judge.read_jsonl(out)
     assert len(records) == 40
     sides = [r["ours_is"] for r in records]
     assert 10 < sides.count("A") < 30  # a coin per prompt, not a fixed side
@@ -105,11 +108,11 @@ def test_ab_order_is_random_recorded_and_undone(tmp_path):
     assert all(r["annotator"] == "ana" and r["baseline"] == "alpaca" and r["time"] for r in records)
     # The same seed gives the same order; an annotator who always says A wins exactly where ours was A.
     out2 = tmp_path / "always-a.jsonl"
-    ev.compare(ours, base, out2, "al", ev.human(ev.VERDICTS, ask=lambda screen: "a"), seed=0)
-    again = ev.read_jsonl(out2)
+    judge.compare(ours, base, out2, "al", judge.human(judge.VERDICTS, ask=lambda screen: "a"), seed=0)
+    again = judge.read_jsonl(out2)
     assert [r["ours_is"] for r in again] == sides
     assert [r["result"] for r in again] == ["win" if s == "A" else "loss" for s in sides]
-    assert ev.result_for_ours("neither", "B") == "tie"
+    assert judge.result_for_ours("neither", "B") == "tie"
 
 
 def test_a_resumed_annotation_run_continues_where_it_stopped(tmp_path):
@@ -123,19 +126,19 @@ def test_a_resumed_annotation_run_continues_where_it_stopped(tmp_path):
         shown.append(re.search(r"prompt (\d+):", screen).group(1))
         return "x" if len(shown) == 2 else "q" if len(shown) == 4 else oracle(screen)
 
-    with pytest.raises(ev.Stop):
-        ev.compare(ours, base, out, "ana", ev.human(ev.VERDICTS, ask=quits_after_three))
-    first = ev.read_jsonl(out)
+    with pytest.raises(judge.Quit):
+        judge.compare(ours, base, out, "ana", judge.human(judge.VERDICTS, ask=quits_after_three))
+    first = judge.read_jsonl(out)
     assert [r["id"] for r in first] == [0, 1, 2] and first[1]["verdict"] == "neither"
 
     shown.clear()
-    ev.compare(ours, base, out, "ana", ev.human(ev.VERDICTS, ask=oracle_logging(shown)))
+    judge.compare(ours, base, out, "ana", judge.human(judge.VERDICTS, ask=oracle_logging(shown)))
     assert shown == [str(i) for i in range(3, 10)]  # nothing asked twice
-    records = ev.read_jsonl(out)
+    records = judge.read_jsonl(out)
     assert records[:3] == first and [r["id"] for r in records] == list(range(10))
     # Another annotator into the same file starts from the beginning.
     shown.clear()
-    ev.compare(ours, base, out, "bo", ev.human(ev.VERDICTS, ask=oracle_logging(shown)))
+    judge.compare(ours, base, out, "bo", judge.human(judge.VERDICTS, ask=oracle_logging(shown)))
     assert len(shown) == 10
 
 
@@ -150,21 +153,21 @@ def test_answer_files_must_hold_the_same_prompts(tmp_path):
     ours, base = answer_files(tmp_path, n=3)
     other = write(tmp_path / "other.jsonl", [dict(id=i, prompt=f"something else {i}", answer="x") for i in range(3)])
     short = write(tmp_path / "short.jsonl", [dict(id=0, prompt="prompt 0: what is 0 + 0?", answer="x")])
-    with pytest.raises(ev.EvalError, match="prompt differs"):
-        ev.pair_answers(ours, other)
-    with pytest.raises(ev.EvalError, match="different prompts"):
-        ev.pair_answers(ours, short)
+    with pytest.raises(judge.EvalError, match="prompt differs"):
+        judge.pair_answers(ours, other)
+    with pytest.raises(judge.EvalError, match="different prompts"):
+        judge.pair_answers(ours, short)
 
 
 def test_human_rating_of_a_seeded_sample(tmp_path):
     ours, _ = answer_files(tmp_path, n=10)
     keys = iter("epfe")
     out = tmp_path / "rate.jsonl"
-    ev.rate(ours, out, "ana", ev.human(ev.RATING_KEYS, ask=lambda screen: next(keys)), sample=4, seed=1)
-    records = ev.read_jsonl(out)
+    judge.rate(ours, out, "ana", judge.human(judge.RATING_KEYS, ask=lambda screen: next(keys)), sample=4, seed=1)
+    records = judge.read_jsonl(out)
     assert [r["rating"] for r in records] == ["Excellent", "Pass", "Fail", "Excellent"]
     assert len({r["id"] for r in records}) == 4 and all(r["system"] == "epoch-07" for r in records)
-    ev.rate(ours, out, "ana", ev.human(ev.RATING_KEYS, ask=lambda screen: pytest.fail("asked again")), sample=4, seed=1)
+    judge.rate(ours, out, "ana", judge.human(judge.RATING_KEYS, ask=lambda screen: pytest.fail("asked again")), sample=4, seed=1)
 
 
 # ---- a model judge against a local server ----
@@ -210,15 +213,15 @@ def server():
     httpd.server_close()
 
 
-def judge(url, **kw):
-    return ev.Judge(url, "judge-model", api_key="sk-test", **{"timeout": 0.3, "retries": 2, "backoff": 0, **kw})
+def scripted_judge(url, **kw):
+    return judge.Judge(url, "judge-model", api_key="sk-test", **{"timeout": 0.3, "retries": 2, "backoff": 0, **kw})
 
 
 def test_judge_records_good_verdicts_blind_and_undone(server, tmp_path):
     ours, base = answer_files(tmp_path, n=6)
     out = tmp_path / "ann.jsonl"
-    assert ev.compare(ours, base, out, "judge-model", ev.judged(judge(server), ev.JUDGE_PROMPT, ev.parse_verdict)) == 0
-    records = ev.read_jsonl(out)
+    assert judge.compare(ours, base, out, "judge-model", judge.judged(scripted_judge(server), judge.JUDGE_PROMPT, judge.parse_verdict)) == 0
+    records = judge.read_jsonl(out)
     assert [r["result"] for r in records] == ["win"] * 6 and {r["ours_is"] for r in records} == {"A", "B"}
     assert all("Verdict" in r["reply"] for r in records)
     first = ScriptedJudge.requests[0]
@@ -231,8 +234,8 @@ def test_judge_retries_malformed_slow_and_failing_replies(server, tmp_path):
     out = tmp_path / "ann.jsonl"
     # prompt 0: malformed, then good; prompt 1: too slow, then a 500, then good; prompt 2: bad JSON, good
     ScriptedJudge.script = ["malformed", "good", "slow", 500, "good", "garbage", "good"]
-    assert ev.compare(ours, base, out, "j", ev.judged(judge(server), ev.JUDGE_PROMPT, ev.parse_verdict)) == 0
-    assert [r["id"] for r in ev.read_jsonl(out)] == [0, 1, 2]
+    assert judge.compare(ours, base, out, "j", judge.judged(scripted_judge(server), judge.JUDGE_PROMPT, judge.parse_verdict)) == 0
+    assert [r["id"] for r in judge.read_jsonl(out)] == [0, 1, 2]
     assert len(ScriptedJudge.requests) == 7
 
 
@@ -240,32 +243,32 @@ def test_judge_gives_up_on_a_prompt_keeps_the_rest_and_a_rerun_fills_the_gap(ser
     ours, base = answer_files(tmp_path, n=3)
     out = tmp_path / "ann.jsonl"
     ScriptedJudge.script = ["good", "malformed", "malformed", "malformed", "good"]  # 3 tries on prompt 1
-    assert ev.compare(ours, base, out, "j", ev.judged(judge(server), ev.JUDGE_PROMPT, ev.parse_verdict)) == 1
-    assert [r["id"] for r in ev.read_jsonl(out)] == [0, 2]
-    assert ev.compare(ours, base, out, "j", ev.judged(judge(server), ev.JUDGE_PROMPT, ev.parse_verdict)) == 0
-    assert sorted(r["id"] for r in ev.read_jsonl(out)) == [0, 1, 2]
+    assert judge.compare(ours, base, out, "j", judge.judged(scripted_judge(server), judge.JUDGE_PROMPT, judge.parse_verdict)) == 1
+    assert [r["id"] for r in judge.read_jsonl(out)] == [0, 2]
+    assert judge.compare(ours, base, out, "j", judge.judged(scripted_judge(server), judge.JUDGE_PROMPT, judge.parse_verdict)) == 0
+    assert sorted(r["id"] for r in judge.read_jsonl(out)) == [0, 1, 2]
 
 
 def test_judge_stops_on_a_refusal_or_the_request_limit_keeping_what_it_recorded(server, tmp_path):
     ours, base = answer_files(tmp_path, n=5)
     out = tmp_path / "ann.jsonl"
     ScriptedJudge.script = ["good", 401]
-    with pytest.raises(ev.EvalError, match="HTTP 401"):
-        ev.compare(ours, base, out, "j", ev.judged(judge(server), ev.JUDGE_PROMPT, ev.parse_verdict))
-    assert len(ev.read_jsonl(out)) == 1
-    with pytest.raises(ev.Stop, match="request limit"):
-        ev.compare(ours, base, out, "j", ev.judged(judge(server, max_requests=2), ev.JUDGE_PROMPT, ev.parse_verdict))
-    assert [r["id"] for r in ev.read_jsonl(out)] == [0, 1, 2]
-    ev.compare(ours, base, out, "j", ev.judged(judge(server), ev.JUDGE_PROMPT, ev.parse_verdict))
-    assert [r["id"] for r in ev.read_jsonl(out)] == [0, 1, 2, 3, 4]
+    with pytest.raises(judge.EvalError, match="HTTP 401"):
+        judge.compare(ours, base, out, "j", judge.judged(scripted_judge(server), judge.JUDGE_PROMPT, judge.parse_verdict))
+    assert len(judge.read_jsonl(out)) == 1
+    with pytest.raises(judge.Quit, match="request limit"):
+        judge.compare(ours, base, out, "j", judge.judged(scripted_judge(server, max_requests=2), judge.JUDGE_PROMPT, judge.parse_verdict))
+    assert [r["id"] for r in judge.read_jsonl(out)] == [0, 1, 2]
+    judge.compare(ours, base, out, "j", judge.judged(scripted_judge(server), judge.JUDGE_PROMPT, judge.parse_verdict))
+    assert [r["id"] for r in judge.read_jsonl(out)] == [0, 1, 2, 3, 4]
 
 
 def test_judge_with_an_unreachable_endpoint_times_out_and_records_nothing(tmp_path):
     ours, base = answer_files(tmp_path, n=2)
     out = tmp_path / "ann.jsonl"
-    dead = ev.Judge("http://127.0.0.1:9/v1", "m", timeout=0.3, retries=1, backoff=0)  # port 9: discard
-    assert ev.compare(ours, base, out, "j", ev.judged(dead, ev.JUDGE_PROMPT, ev.parse_verdict)) == 2
-    assert ev.read_jsonl(out) == []
+    dead = judge.Judge("http://127.0.0.1:9/v1", "m", timeout=0.3, retries=1, backoff=0)  # port 9: discard
+    assert judge.compare(ours, base, out, "j", judge.judged(dead, judge.JUDGE_PROMPT, judge.parse_verdict)) == 2
+    assert judge.read_jsonl(out) == []
 
 
 def test_judge_rating_and_the_command_line(server, tmp_path):
@@ -275,7 +278,7 @@ def test_judge_rating_and_the_command_line(server, tmp_path):
     run = subprocess.run([sys.executable, "eval.py", "rate", "--answers", str(ours), "--url", server,
                           "--model", "m", "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    assert [r["rating"] for r in ev.read_jsonl(out)] == ["Pass", "Pass"]
+    assert [r["rating"] for r in judge.read_jsonl(out)] == ["Pass", "Pass"]
     assert re.search(r"epoch-07\s+2\s+0.0%\s+100.0%\s+0.0%", run.stdout)
     bad = tmp_path / "prompt.txt"
     bad.write_text("Which is better? {prompt}")
@@ -286,14 +289,14 @@ def test_judge_rating_and_the_command_line(server, tmp_path):
 
 
 def test_braces_in_answers_reach_the_judge_verbatim():
-    text = ev.fill(ev.JUDGE_PROMPT, prompt="f{x}", answer_a="{'a': 1}", answer_b="{answer_a}")
+    text = judge.fill(judge.JUDGE_PROMPT, prompt="f{x}", answer_a="{'a': 1}", answer_b="{answer_a}")
     assert "Question: f{x}" in text and "Answer A: {'a': 1}" in text and "Answer B: {answer_a}" in text
     # a value naming a placeholder filled after it stays as written too
-    text = ev.fill(ev.JUDGE_PROMPT, prompt="say {answer_b}", answer_a="{answer_b} \\1", answer_b="B's")
+    text = judge.fill(judge.JUDGE_PROMPT, prompt="say {answer_b}", answer_a="{answer_b} \\1", answer_b="B's")
     assert "Question: say {answer_b}" in text and "Answer A: {answer_b} \\1" in text and "Answer B: B's" in text
-    assert ev.parse_verdict("A is better...\nVerdict: neither") == "neither"
-    assert ev.parse_verdict("Verdict: A\n\nOn reflection, Verdict: B.") == "B"
-    assert ev.parse_verdict("Answer A is better.") is None
+    assert judge.parse_verdict("A is better...\nVerdict: neither") == "neither"
+    assert judge.parse_verdict("Verdict: A\n\nOn reflection, Verdict: B.") == "B"
+    assert judge.parse_verdict("Answer A is better.") is None
 
 
 # ---- the report ----
@@ -310,9 +313,9 @@ def test_report_holds_every_prompt_every_epoch_and_the_charts(tmp_path):
                                                  perplexity=math.exp(2.0), tokens=99) for e in (1, 2, 3)])
     ann = write(tmp_path / "ann.jsonl", [pairwise_record(i, "alpaca", r) for i, r in enumerate(["win", "tie"])])
     rated = write(tmp_path / "rate.jsonl", [dict(id=1, system="epoch-07", annotator="a", rating="Pass")])
-    page = ev.report(run, pairwise=[ann], ratings=[rated]).read_text()
+    page = report.write_report(run, pairwise=[ann], ratings=[rated]).read_text()
     for i, p in prompts.items():
-        assert ev.html.escape(p) in page
+        assert html.escape(p) in page
         assert all(f"answer to {i} at epoch {e}" in page for e in (5, 6, 7))
     assert all(f"<th>epoch-0{e}</th>" in page for e in (5, 6, 7))
     assert "<b>bold</b>" not in page and "&lt;b&gt;bold&lt;/b&gt;" in page
@@ -329,12 +332,12 @@ def test_subset_by_source_and_count_is_seeded(tmp_path):
     data = write(tmp_path / "train.jsonl", rows)
     a = ev.subset(data, tmp_path / "a.jsonl", source="stackexchange,wikihow", n=8, seed=3)
     b = ev.subset(data, tmp_path / "b.jsonl", source="stackexchange,wikihow", n=8, seed=3)
-    assert a == b == ev.read_jsonl(tmp_path / "a.jsonl") and len(a) == 8
+    assert a == b == judge.read_jsonl(tmp_path / "a.jsonl") and len(a) == 8
     assert {r["source"] for r in a} <= {"stackexchange", "wikihow"}
     assert ev.subset(data, tmp_path / "c.jsonl", n=8, seed=4) != a
-    with pytest.raises(ev.EvalError, match=r"manual \(10\)"):
+    with pytest.raises(judge.EvalError, match=r"manual \(10\)"):
         ev.subset(data, tmp_path / "d.jsonl", source="reddit")
-    with pytest.raises(ev.EvalError, match="only 10"):
+    with pytest.raises(judge.EvalError, match="only 10"):
         ev.subset(data, tmp_path / "d.jsonl", source="manual", n=11)
 
 
@@ -345,6 +348,22 @@ def test_bad_input_is_one_line_and_exit_status_2(tmp_path):
                                                                      "--dev", "x", "--epochs", "five"]):
         run = subprocess.run([sys.executable, "eval.py", *args], cwd=ROOT, capture_output=True, text=True)
         assert run.returncode == 2 and run.stderr.startswith("error: ") and run.stderr.count("\n") == 1, args
+
+
+def imported_modules(argv: list[str]) -> set[str]:
+    """The modules a run of `python argv...` imports (from -X importtime), whatever its exit status."""
+    run = subprocess.run([sys.executable, "-X", "importtime", *argv], cwd=ROOT, capture_output=True, text=True)
+    return {line.rsplit("|", 1)[1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
+
+
+def test_the_commands_that_load_no_model_never_import_torch(tmp_path):
+    ann = write(tmp_path / "ann.jsonl", [pairwise_record(i, "alpaca", r) for i, r in enumerate(["win", "tie"])])
+    for argv in (["eval.py", "tally", str(ann)], ["eval.py", "report", "--run", str(tmp_path / "none")],
+                 ["eval.py", "--help"], ["eval.py", "loss", "--help"], ["eval.py", "answers", "--epochs", "x"]):
+        modules = imported_modules(argv)
+        assert "judge" in modules or "--help" in argv or "x" in argv, argv
+        assert "torch" not in modules and "numpy" not in modules, argv
+    assert "torch" in imported_modules(["eval.py", "loss", "--run", str(tmp_path), "--dev", "x"])  # the check sees it
 
 
 # ---- checkpoints: dev loss and answers from tiny random models ----
@@ -389,7 +408,7 @@ def test_dev_loss_table_of_every_epoch(tiny_run, tmp_path):
         assert abs(r["dev_loss"] - math.log(tok.vocab_size)) < 0.1
         assert r["perplexity"] == pytest.approx(math.exp(r["dev_loss"])) and r["tokens"] > 0
     assert rows[0]["dev_loss"] != rows[1]["dev_loss"]
-    assert ev.read_jsonl(run / "eval" / "dev_loss.jsonl") == rows
+    assert judge.read_jsonl(run / "eval" / "dev_loss.jsonl") == rows
     for args in (["--dev", str(tmp_path / "missing.jsonl")], ["--dev", str(dev), "--dtype", "fp8"]):
         bad = subprocess.run([sys.executable, "eval.py", "loss", "--run", str(run), *args], cwd=ROOT,
                              capture_output=True, text=True)
@@ -399,11 +418,11 @@ def test_dev_loss_table_of_every_epoch(tiny_run, tmp_path):
 def test_answers_for_chosen_epochs_feed_the_report(tiny_run, tmp_path):
     run, _ = tiny_run
     dev = write(tmp_path / "dev.jsonl", [dict(conversations=[f"Question {i}?", "An answer."]) for i in range(3)])
-    files = ev.write_answers(run, dev, [1, 2], batch_size=2, max_tokens=40, device="cpu")
+    files = ev.write_answers(run, dev, [1, 2], batch_size=2, max_len=40, device="cpu")
     assert [f.name for f in files] == ["epoch-01.jsonl", "epoch-02.jsonl"]
     for f in files:
-        assert [r["prompt"] for r in ev.read_jsonl(f)] == ["Question 0?", "Question 1?", "Question 2?"]
-    page = ev.report(run).read_text()
+        assert [r["prompt"] for r in judge.read_jsonl(f)] == ["Question 0?", "Question 1?", "Question 2?"]
+    page = report.write_report(run).read_text()
     assert all(f"Question {i}?" in page for i in range(3)) and "<th>epoch-02</th>" in page
-    with pytest.raises(ev.EvalError, match="no checkpoint for epoch"):
+    with pytest.raises(judge.EvalError, match="no checkpoint for epoch"):
         ev.write_answers(run, dev, [5], device="cpu")

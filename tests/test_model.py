@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (CONFIGS, CacheSlots, ModelArgs, Transformer, apply_rotary_emb,
-                   extend_vocab, precompute_freqs_cis)
+from model import (CONFIGS, DTYPES, CacheSlots, ModelArgs, Transformer, apply_rotary_emb, extend_vocab,
+                   precompute_freqs_cis, resolve_device, resolve_dtype)
 
 TINY = dict(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=101, multiple_of=16,
             max_seq_len=64)
@@ -294,3 +294,25 @@ def test_torch_compile_runs():
     tokens = torch.randint(0, 101, (1, 8))
     compiled = torch.compile(model)
     torch.testing.assert_close(compiled(tokens), model(tokens), rtol=1e-4, atol=1e-4)
+
+
+# ---- devices and dtypes: one rule for every script ----
+
+def test_dtype_names_resolve_in_one_place_and_auto_follows_the_device():
+    assert resolve_dtype("auto", "cpu") == torch.float32 and resolve_dtype("auto", "cuda:1") == torch.bfloat16
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert [resolve_dtype(name, "cpu") for name in ("fp32", "bf16", "fp16")] == [torch.float32, torch.bfloat16, torch.float16]
+    with pytest.raises(ValueError, match=r"^--dtype fp8: not a dtype here; choose auto, fp32, bf16, fp16$"):
+        resolve_dtype("fp8", "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="^--device cuda:1: no CUDA device is available here; use --device cpu$"):
+            resolve_device("cuda:1")
+
+
+def test_to_device_casts_the_weights_and_keeps_the_rope_table_float32():
+    model = tiny_model().float()
+    model.to_device("cpu", torch.bfloat16)
+    assert model.tok_embeddings.weight.dtype == torch.bfloat16 and model.freqs_cis.dtype == torch.float32
+    assert torch.equal(model.freqs_cis, precompute_freqs_cis(16, 64, 10000.0))

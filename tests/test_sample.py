@@ -5,24 +5,27 @@ against one process, and the command line's modes and errors."""
 import json
 import math
 import os
+import select
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import sample
+from checkpoint import load_model
 from data import Tokenizer
 from model import ModelArgs, Transformer
-from sample import (Settings, apply_repetition_penalty, decode, generate, load_model, next_token,
-                    top_k_filter, top_p_filter, uniforms)
+from sample import (Settings, apply_repetition_penalty, decode, generate, next_token, top_k_filter, top_p_filter,
+                    uniforms)
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "data" / "tokenizer.model"
-GREEDY = Settings(temperature=0, max_tokens=48)
+GREEDY = Settings(temperature=0, max_len=48)
 NEG_INF = float("-inf")
 
 
@@ -159,7 +162,7 @@ def uncached_greedy(model, prompt, s: Settings, eot_id):
     seen = torch.zeros(1, model.args.vocab_size, dtype=torch.bool)
     if s.penalize_prompt:
         seen[0, prompt] = True
-    while len(ids) < s.max_tokens:
+    while len(ids) < s.max_len:
         logits = model(torch.tensor([ids]))[:, -1]
         token = apply_repetition_penalty(logits, seen, s.repetition_penalty).argmax(-1).item()
         ids.append(token)
@@ -174,7 +177,7 @@ def uncached_greedy(model, prompt, s: Settings, eot_id):
 def test_cached_decoding_equals_uncached_recomputation(tok, penalize_prompt):
     model = tiny_model(tok.vocab_size)
     prompts = prompts_for(tok, QUESTIONS)  # different lengths: rows are left-padded
-    s = Settings(temperature=0, max_tokens=48, penalize_prompt=penalize_prompt)
+    s = Settings(temperature=0, max_len=48, penalize_prompt=penalize_prompt)
     with torch.no_grad():
         expected = [uncached_greedy(model, p, s, tok.eot_id) for p in prompts]
     assert generate(model, prompts, s, tok.eot_id) == expected
@@ -200,10 +203,10 @@ def test_each_row_stops_at_its_own_eot(tok):
 def test_generation_stops_at_the_length_limit_counting_the_prompt(tok):
     model = tiny_model(tok.vocab_size)
     prompts = prompts_for(tok, QUESTIONS[:2])
-    s = Settings(temperature=0, max_tokens=30)
+    s = Settings(temperature=0, max_len=30)
     answers = generate(model, prompts, s, tok.eot_id)
     assert [len(p) + len(a) for p, a in zip(prompts, answers)] == [30, 30]
-    # The model's max_seq_len caps max_tokens as well.
+    # The model's max_seq_len caps max_len as well.
     capped = generate(tiny_model(tok.vocab_size, max_seq_len=30), prompts, GREEDY, tok.eot_id)
     assert [len(p) + len(a) for p, a in zip(prompts, capped)] == [30, 30]
     with pytest.raises(ValueError, match="no room is left"):
@@ -213,10 +216,10 @@ def test_generation_stops_at_the_length_limit_counting_the_prompt(tok):
 def test_a_seed_reproduces_the_same_samples(tok):
     model = tiny_model(tok.vocab_size)
     prompts = prompts_for(tok, QUESTIONS)
-    s = Settings(max_tokens=48)
+    s = Settings(max_len=48)
     a, b = generate(model, prompts, s, tok.eot_id), generate(model, prompts, s, tok.eot_id)
     assert a == b
-    assert generate(model, prompts, Settings(max_tokens=48, seed=1), tok.eot_id) != a
+    assert generate(model, prompts, Settings(max_len=48, seed=1), tok.eot_id) != a
 
 
 # ---- loading ----
@@ -244,7 +247,7 @@ def test_continuous_batching_answers_each_prompt_as_if_alone(tok):
 def test_sampled_answers_depend_only_on_the_seed_and_the_prompts_id(tok):
     model = tiny_model(tok.vocab_size)
     prompts = prompts_for(tok, QUESTIONS)
-    s = Settings(max_tokens=48)
+    s = Settings(max_len=48)
     ids = ["a", "b", "c"]
     reference = dict(zip(ids, generate(model, prompts, s, tok.eot_id, slots=1, keys=ids)))
     for slots, order in ((2, [0, 1, 2]), (3, [2, 1, 0]), (2, [2, 0])):  # other batches and neighbours
@@ -267,6 +270,18 @@ def test_load_model_checks_the_tokenizer_against_the_weights(tok, tmp_path, caps
         load_model(tmp_path / "missing")
 
 
+def test_a_run_folder_is_refused_naming_its_newest_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    for step, name in ((5, "epoch-01"), (10, "epoch-02"), (12, "step-000012")):  # a preemption's save, after
+        (run / name / "model").mkdir(parents=True)
+        (run / name / "model" / ".metadata").write_bytes(b"")
+        shutil.copyfile(TOKENIZER, run / name / "tokenizer.model")
+        (run / name / "params.json").write_text("{}")
+        (run / name / "state.json").write_text(json.dumps(dict(step=step, epoch=step // 5, world_size=1, config={})))
+    with pytest.raises(ValueError, match=f"a training run's folder, not one checkpoint: .* newest epoch, {run / 'epoch-02'}$"):
+        load_model(run)
+
+
 # ---- the command line ----
 
 def run_main(argv):
@@ -281,16 +296,16 @@ def run_main(argv):
 def test_prompt_streams_the_same_answer_as_generate(tok, checkpoint, capsys):
     model, _ = load_model(checkpoint)
     prompt = prompts_for(tok, QUESTIONS[:1])
-    whole = generate(model, prompt, Settings(max_tokens=model.args.max_seq_len), tok.eot_id)[0]
+    whole = generate(model, prompt, Settings(max_len=model.args.max_seq_len), tok.eot_id)[0]
     assert whole[-1] == tok.eot_id  # the seeded draws are the same whatever the limit, so:
     fits = len(prompt[0]) + len(whole)  # the answer ends with EOT at this limit, not one below
-    for max_tokens in (fits, fits - 1):
-        assert run_main(["--checkpoint", checkpoint, "--prompt", QUESTIONS[0], "--max_tokens", max_tokens]) is None
-        ids = generate(model, prompts_for(tok, QUESTIONS[:1]), Settings(max_tokens=max_tokens), tok.eot_id)[0]
+    for max_len in (fits, fits - 1):
+        assert run_main(["--checkpoint", checkpoint, "--prompt", QUESTIONS[0], "--max_len", max_len]) is None
+        ids = generate(model, prompts_for(tok, QUESTIONS[:1]), Settings(max_len=max_len), tok.eot_id)[0]
         out = capsys.readouterr()
         assert out.out == tok.decode([t for t in ids if t != tok.eot_id]) + "\n"
-        stopped_at_limit = f"(stopped at the {max_tokens}-token limit)" in out.err
-        assert stopped_at_limit == (max_tokens < fits) == (ids[-1] != tok.eot_id)
+        stopped_at_limit = f"(stopped at the {max_len}-token limit)" in out.err
+        assert stopped_at_limit == (max_len < fits) == (ids[-1] != tok.eot_id)
 
 
 def test_errors_are_one_line_not_tracebacks(tok, checkpoint, tmp_path):
@@ -299,7 +314,7 @@ def test_errors_are_one_line_not_tracebacks(tok, checkpoint, tmp_path):
     wrong = save_checkpoint(tiny_model(tok.vocab_size + 1), tmp_path / "wrong")
     assert "do not belong together" in run_main(["--checkpoint", wrong, "--prompt", "hi"])
     long = "the sea " * 40
-    assert "no room is left" in run_main(["--checkpoint", checkpoint, "--prompt", long, "--max_tokens", 20])
+    assert "no room is left" in run_main(["--checkpoint", checkpoint, "--prompt", long, "--max_len", 20])
     assert "unknown option --temp" in run_main(["--checkpoint", checkpoint, "--temp", "1"])
     assert "nothing to do" in run_main(["--checkpoint", checkpoint])
 
@@ -312,7 +327,7 @@ def test_prompts_file_is_answered_in_batches_and_resumed(tok, checkpoint, tmp_pa
         {"conversations": [QUESTIONS[2], "a reference answer, dropped"], "source": "dev"},
     ]))
     out = tmp_path / "answers.jsonl"
-    args = ["--checkpoint", checkpoint, "--prompts", lima, "--out", out, "--batch_size", 2, "--max_tokens", 80]
+    args = ["--checkpoint", checkpoint, "--prompts", lima, "--out", out, "--batch_size", 2, "--max_len", 80]
     assert run_main(args) is None
     rows = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}  # in the order they finished
     assert sorted(rows) == [1, 2, 3]
@@ -331,7 +346,7 @@ def test_prompts_file_is_answered_in_batches_and_resumed(tok, checkpoint, tmp_pa
     txt = tmp_path / "prompts.txt"
     txt.write_text(f"{QUESTIONS[0]}\n\n{QUESTIONS[1]}\n")
     assert run_main(["--checkpoint", checkpoint, "--prompts", txt, "--out", tmp_path / "t.jsonl",
-                     "--max_tokens", 40]) is None
+                     "--max_len", 40]) is None
     assert sorted(json.loads(line)["id"] for line in (tmp_path / "t.jsonl").read_text().splitlines()) == [1, 2]
 
 
@@ -351,7 +366,7 @@ def test_chat_keeps_the_conversation_in_lima_format(tok, checkpoint, monkeypatch
             on_token(torch.tensor([t]))
         return [answer]
     monkeypatch.setattr(sample, "generate", fake_generate)
-    assert run_main(["--checkpoint", checkpoint, "--chat", "--max_tokens", 100]) is None
+    assert run_main(["--checkpoint", checkpoint, "--chat", "--max_len", 100]) is None
     said = tok.decode(answer[:-1])
     assert asked == [tok.encode_dialog(["Hi"]),
                      tok.encode_dialog(["Hi", said, "And then?"]),
@@ -361,6 +376,63 @@ def test_chat_keeps_the_conversation_in_lima_format(tok, checkpoint, monkeypatch
     assert out.count(f"lima> {said}") == 4
     assert "(a new conversation)" in out and "(forgot the oldest 1 exchange(s)" in out
     assert "over the 100-token limit: not sent" in out
+
+
+def test_chat_takes_a_message_of_many_lines_and_refuses_a_line_the_terminal_cut(tok, checkpoint, monkeypatch,
+                                                                                 capsys):
+    typed = iter(['"""', "First line,", "", "  and the last.", '"""', "x" * sample.TTY_LINE_LIMIT, "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(typed))
+    monkeypatch.setattr(sample, "cut_by_the_terminal", lambda: True)  # a terminal without readline
+    asked = []
+
+    def fake_generate(model, prompts, s, eot_id, on_token=None):
+        asked.append(prompts[0])
+        return [[tok.eot_id]]
+    monkeypatch.setattr(sample, "generate", fake_generate)
+    assert run_main(["--checkpoint", checkpoint, "--chat"]) is None
+    assert asked == [tok.encode_dialog(["First line,\n\n  and the last."])]  # the 4,095 x's: not sent
+    assert f"not sent: a line reached the terminal's limit of {sample.TTY_LINE_LIMIT:,} characters" in capsys.readouterr().out
+
+
+# What the terminal sends for: the left arrow, the up arrow (the history's last line), Ctrl-D.
+LEFT, UP, CTRL_D = "\x1b[D", "\x1b[A", "\x04"
+
+
+@pytest.mark.skipif(sample.readline is None, reason="no readline in this Python")
+def test_the_chat_prompt_edits_lines_keeps_a_history_and_ends_on_a_line_of_its_own():
+    """In a real terminal (a pseudo-terminal): the arrows move in the line and recall the last one,
+    as in a shell, and Ctrl-D leaves the cursor at the start of a new line for the shell's prompt."""
+    import pty
+    code = "import sample\nwhile (m := sample.read_message()) is not None:\n    print(f'got {m!r}')\nprint('end')"
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: a Python reading messages at the prompt
+        os.chdir(ROOT)
+        os.execv(sys.executable, [sys.executable, "-c", code])
+    seen = b""
+
+    def until(text: bytes, timeout=60):
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while text not in seen:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            assert ready, (text, seen[-300:])
+            seen += os.read(fd, 4096)
+
+    try:
+        until(b"you> ")
+        os.write(fd, f"helo{LEFT}l\r".encode())  # a typo mended in place
+        until(b"got 'hello'")
+        until(b"you> ")
+        os.write(fd, f"{UP}!\r".encode())  # the last line again, and more
+        until(b"got 'hello!'")
+        until(b"you> ")
+        os.write(fd, CTRL_D.encode())
+        until(b"end")
+    finally:
+        os.close(fd)
+        os.kill(pid, signal.SIGKILL)  # gone already unless an assertion above stopped the test
+        os.waitpid(pid, 0)
+    assert seen.replace(b"\r", b"").endswith(b"you> \nend\n")  # after Ctrl-D, a new line
 
 
 def torchrun_sample(args) -> str:
@@ -385,9 +457,9 @@ def test_tensor_parallel_on_two_ranks_equals_one_process(checkpoint, tmp_path, c
     prompts.write_text("\n".join(QUESTIONS) + "\n")
     # A limit at which some rows stop at EOT and others at the limit, at different steps of the
     # same batch: where the seeded draws put EOT decides which limits do that.
-    for max_tokens in (48, 40, 56, 32, 64):
+    for max_len in (48, 40, 56, 32, 64):
         (tmp_path / "one.jsonl").unlink(missing_ok=True)
-        args = ["--checkpoint", checkpoint, "--prompts", prompts, "--batch_size", 2, "--max_tokens", max_tokens]
+        args = ["--checkpoint", checkpoint, "--prompts", prompts, "--batch_size", 2, "--max_len", max_len]
         assert run_main(args + ["--out", tmp_path / "one.jsonl"]) is None
         stops = [json.loads(line)["stop"] for line in (tmp_path / "one.jsonl").read_text().splitlines()]
         if sorted(set(stops)) == ["eot", "length"]:
@@ -396,7 +468,7 @@ def test_tensor_parallel_on_two_ranks_equals_one_process(checkpoint, tmp_path, c
     torchrun_sample(args + ["--out", tmp_path / "two.jsonl"])
     assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
     # Streaming one answer that ends with EOT: rank 0 prints, and rank 1 must stop when it does.
-    args = ["--checkpoint", checkpoint, "--prompt", QUESTIONS[0], "--max_tokens", 128]  # all of max_seq_len
+    args = ["--checkpoint", checkpoint, "--prompt", QUESTIONS[0], "--max_len", 128]  # all of max_seq_len
     capsys.readouterr()
     assert run_main(args) is None
     one = capsys.readouterr()

@@ -14,7 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import train
-from data import IGNORE, plan_batch
+from data import IGNORE, pack_batch
 from model import ModelArgs, Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,10 +88,10 @@ def test_packed_micro_steps_give_the_full_batch_gradient():
     model = fresh_model()
     expected = reference_gradients(model, examples)
     model.zero_grad()
-    plan = plan_batch([len(e["tokens"]) for e in examples], 1, 40)
-    assert len(plan[0]) > 1 and any(len(row) > 1 for row in plan[0])  # accumulation and packing
+    packing = pack_batch([len(e["tokens"]) for e in examples], 1, 40)
+    assert len(packing[0]) > 1 and any(len(row) > 1 for row in packing[0])  # accumulation and packing
     n_global = sum(sum(t != IGNORE for t in e["targets"]) for e in examples)
-    train.run_micro_steps(model, examples, plan[0], n_global, torch.device("cpu"), 1)
+    train.run_micro_steps(model, examples, packing[0], n_global, torch.device("cpu"), 1)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
 
@@ -251,6 +251,23 @@ def test_step_in_backward_refuses_clipping_and_a_resume_keeps_its_configuration(
     assert choice(resumed) == ("bf16_kahan", "false", 2048)  # not the fp32 that auto would pick
     with pytest.raises(ValueError, match="optimizer state is --weights bf16_kahan, which cannot continue as"):
         train.choose_memory(train.TrainConfig(weights="fp32"), args, 32, cuda, saved)
+
+
+def test_the_plan_counts_the_compute_dtype_the_run_uses(monkeypatch, capsys):
+    """One dtype rule for the plan and the run: --dtype fp32 plans 4-byte activations, on a GPU or
+    the CPU, and --dtype bf16 plans 2 bytes on the CPU too (it computes in bf16 there)."""
+    def planned(**options) -> float:
+        train.print_plan(train.TrainConfig(preset="llama-7b", world_size=8, **options))
+        totals = [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.strip().startswith("total")]
+        return float(totals[0])
+    assert planned(dtype="fp32") > planned(dtype="bf16") == planned(dtype="auto")  # GPUs are planned: auto is bf16
+    monkeypatch.setattr(train.memory, "host_available_gb", lambda: 1000.0)
+    args, cpu = ModelArgs.from_name("tiny", vocab_size=1025), torch.device("cpu")
+    seen = []
+    monkeypatch.setattr(train.memory, "candidates", lambda base, *rest: seen.append(base.compute_bytes) or [base])
+    for dtype in ("auto", "fp32", "bf16"):
+        train.choose_memory(train.TrainConfig(global_batch=8, dtype=dtype), args, 1, cpu, verbose=False)
+    assert seen == [4, 4, 2] == [train.resolve_dtype(d, cpu).itemsize for d in ("auto", "fp32", "bf16")]
 
 
 def test_step_in_backward_refuses_a_batch_that_needs_more_than_one_row():

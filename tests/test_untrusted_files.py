@@ -88,7 +88,7 @@ def test_every_reader_of_a_checkpoint_refuses_planted_metadata(trained, tmp_path
     _, ckpt = copy_run(trained, tmp_path)
     marker = tmp_path / "ran"
     names = plant_metadata(ckpt, "model", marker)
-    command = {"sample": ["sample.py", "--checkpoint", str(ckpt), "--prompt", "Hi", "--max_tokens", "40"],
+    command = {"sample": ["sample.py", "--checkpoint", str(ckpt), "--prompt", "Hi", "--max_len", "40"],
                "export": ["checkpoint.py", "export", str(ckpt), str(tmp_path / "exported")],
                "eval loss": ["eval.py", "loss", "--run", str(ckpt.parent), "--dev", "data/demo/dev.jsonl"]}[entry]
     assert_refused(run(command, check=False), names, marker)
