@@ -198,16 +198,19 @@ def fail(message, status: int = 2):
     sys.exit(status)
 
 
-def at_least(low, kind=int):
-    """An argparse type: a number of this kind, at least low (for a float: greater than low)."""
+def at_least(low, kind=int, inclusive=None):
+    """An argparse type: a number of this kind, at least low (for a float, unless inclusive:
+    greater than low)."""
+    inclusive = kind is int if inclusive is None else inclusive
+
     def number(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
                                              f"not {text!r}") from None
-        if not (math.isfinite(value) and (value >= low if kind is int else value > low)):
-            raise argparse.ArgumentTypeError(f"must be {'at least' if kind is int else 'greater than'} "
+        if not (math.isfinite(value) and (value >= low if inclusive else value > low)):
+            raise argparse.ArgumentTypeError(f"must be {'at least' if inclusive else 'greater than'} "
                                              f"{low}, not {text!r}")
         return value
     return number

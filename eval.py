@@ -128,11 +128,14 @@ def build_parser() -> Parser:
     c.add_argument("--batch_size", type=at_least(1), default=8, help="rows decoded together (continuous batching)")
     c.add_argument("--max_len", type=at_least(1), default=2048, help="tokens of prompt + answer, in all (LIMA: 2048)")
     c.add_argument("--seed", type=int, default=0, help="with each prompt's id, it keys the answer's draws")
+    c.add_argument("--temperature", type=at_least(0, float, inclusive=True), default=0.7,
+                   help="LIMA's 0.7 with top-p 0.9; 0: greedy, one answer per checkpoint to read (the demo's)")
     model_options(c)
     c = command("report", "one self-contained HTML page of the run's results", run=run)
     c.add_argument("--pairwise", nargs="*", default=[], help="annotation files (compare, judge) to chart")
     c.add_argument("--ratings", nargs="*", default=[], help="rating files (rate) to chart")
     c.add_argument("--out", help="the page to write (default: RUN/eval/report.html)")
+    c.add_argument("--dev", help="the dev prompts' file: its reference answers are shown beside the prompts")
     pair = dict(ours="our answers (a file of eval.py answers or sample.py --prompts)",
                 baseline="the baseline's answers to the same prompts, in the same format")
     c = command("compare", "pairwise preference by a person, blind, resumable", **pair,
@@ -176,7 +179,7 @@ def make_judge(a) -> judge.Judge:
 def run_without_model(a):
     """Every command but loss and answers: judging, annotation, tallies, the report, subsets."""
     if a.command == "report":
-        print(f"wrote {write_report(a.run, a.pairwise, a.ratings, a.out)}")
+        print(f"wrote {write_report(a.run, a.pairwise, a.ratings, a.out, a.dev)}")
     elif a.command in ("compare", "judge"):
         if a.command == "compare":
             who, label = a.annotator, judge.human(judge.VERDICTS)
@@ -254,7 +257,8 @@ def run_with_model(a):
         if a.command == "loss":
             loss_table(a.run, a.dev, a.max_len, a.device, a.dtype)
         else:
-            for path in write_answers(a.run, a.dev, a.epochs, a.batch_size, a.max_len, a.seed, a.device, a.dtype):
+            for path in write_answers(a.run, a.dev, a.epochs, a.batch_size, a.max_len, a.seed, a.device, a.dtype,
+                                      a.temperature):
                 print(f"wrote {path}")
     except DataError as e:  # a dev file that is not LIMA's format: one line, as every bad input
         raise EvalError(str(e)) from None
@@ -303,7 +307,7 @@ def loss_table(run, dev, max_len=2048, device="auto", dtype="auto") -> list[dict
 
 
 def write_answers(run, dev, epochs: list[int], batch_size=8, max_len=2048, seed=0, device="auto",
-                  dtype="auto") -> list[Path]:
+                  dtype="auto", temperature=0.7) -> list[Path]:
     """RUN/eval/answers/epoch-NN.jsonl for each epoch: every dev prompt, with LIMA's decoding.
 
     The decoding is sample.py's defaults (the paper's: temperature 0.7, top-p 0.9, repetition
@@ -320,7 +324,8 @@ def write_answers(run, dev, epochs: list[int], batch_size=8, max_len=2048, seed=
     written = []
     for epoch in epochs:
         out = Path(run) / "eval" / "answers" / f"{found[epoch].name}.jsonl"
-        cfg = sample.Config(prompts=str(dev), out=str(out), batch_size=batch_size, max_len=max_len, seed=seed)
+        cfg = sample.Config(prompts=str(dev), out=str(out), batch_size=batch_size, max_len=max_len, seed=seed,
+                            temperature=temperature)
         model, tok = checkpoint.load_model(found[epoch], device, dtype)
         sample.answer_file(model, tok, cfg, cfg, rank=0)  # a Config is also the decoding Settings
         written.append(out)

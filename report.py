@@ -25,6 +25,7 @@ th, td { border: 1px solid #ccc; padding: 4px 8px; vertical-align: top; text-ali
 .answers td, .answers th { min-width: 26em; max-width: 34em; }
 .answers .prompt { position: sticky; left: 0; background: #f6f6f6; min-width: 20em; }
 .text { white-space: pre-wrap; max-height: 30em; overflow-y: auto; }
+.ref { margin-top: 0.5em; color: #555; white-space: pre-wrap; }
 svg text { font: 12px system-ui, sans-serif; }
 </style></head><body>
 <h1>$title</h1>
@@ -115,8 +116,20 @@ def table(header: list[str], rows: list[list]) -> str:
             + "".join("<tr>" + "".join(cell(v) for v in row) + "</tr>" for row in rows) + "</table>")
 
 
-def answers_grid(files: list[Path]) -> str:
-    """Prompts down the side, one column per answer file (per epoch), each cell the full answer."""
+def references(dev) -> dict[str, str]:
+    """--dev's reference answers: {prompt id: the last turn} of each record that ends with an answer.
+    Ids as sample.py gives them: the record's "id", else its number in the file, from 1."""
+    refs = {}
+    for k, (n, r) in enumerate(numbered_jsonl(dev), 1):
+        turns = check_record(r, f"{dev}:{n}", "a conversation {conversations: [...]}").get("conversations")
+        if isinstance(turns, list) and turns and len(turns) % 2 == 0 and isinstance(turns[-1], str):
+            refs[str(r.get("id", k))] = turns[-1]
+    return refs
+
+
+def answers_grid(files: list[Path], refs: dict[str, str] | None = None) -> str:
+    """Prompts down the side (with the reference answer, if any), one column per answer file (per
+    epoch), each cell the full answer."""
     columns = [(f.stem, load_answers(f)) for f in files]
     ids = list(dict.fromkeys(i for _, answers in columns for i in answers))  # first seen, first shown
     head = "<tr><th>prompt</th>" + "".join(f"<th>{html.escape(name)}</th>" for name, _ in columns) + "</tr>"
@@ -125,13 +138,15 @@ def answers_grid(files: list[Path]) -> str:
         first = next(answers[i] for _, answers in columns if i in answers)
         cells = [f'<div class="text">{html.escape(answers[i]["answer"])}</div>' if i in answers
                  else "<em>no answer</em>" for _, answers in columns]
+        ref = f'<div class="ref"><b>reference:</b> {html.escape(refs[i])}</div>' if refs and i in refs else ""
         rows.append(f'<tr><td class="prompt"><b>{html.escape(i)}</b><div class="text">'
-                    f'{html.escape(prompt_text(first))}</div></td>' + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+                    f'{html.escape(prompt_text(first))}</div>{ref}</td>' + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     return f'<div class="scroll"><table class="answers">{head}{"".join(rows)}</table></div>'
 
 
-def write_report(run, pairwise=(), ratings=(), out=None) -> Path:
-    """Write RUN/eval/report.html (or `out`) from whatever of the run's results exist."""
+def write_report(run, pairwise=(), ratings=(), out=None, dev=None) -> Path:
+    """Write RUN/eval/report.html (or `out`) from whatever of the run's results exist; dev: the
+    prompts' file, whose reference answers are shown beside each prompt."""
     run = Path(run)
     parts = []
     if (run / "metrics.jsonl").is_file():
@@ -157,7 +172,7 @@ def write_report(run, pairwise=(), ratings=(), out=None) -> Path:
                                                                        for s, t in bars])]
     answer_files = sorted((run / "eval" / "answers").glob("*.jsonl"))
     if answer_files:
-        parts += ["<h2>Answers to the dev prompts</h2>", answers_grid(answer_files)]
+        parts += ["<h2>Answers to the dev prompts</h2>", answers_grid(answer_files, references(dev) if dev else None)]
     if not parts:
         raise EvalError(f"{run}: nothing to report (no metrics.jsonl, eval/dev_loss.jsonl or eval/answers/)")
     out = Path(out) if out else run / "eval" / "report.html"

@@ -11,9 +11,11 @@ penalty): 48 questions about people whom no fine-tuning conversation mentions, o
     base          data/base alone, asked the same questions in the same format (BOS question EOT)
     from scratch  `python train.py --init ""`: the same fine-tune of the same shape from random weights
 An answer is in the format when it ends its turn (EOT) and is the taught sentence for its question
-(data/make_demo.py ANSWERS) with some value; it is right when that value is the person's. "Mentions
-the fact" counts answers that contain the right value anywhere, in the format or not. Chance, for
-a model that knows the format but not the people: 1/12 per town, job or pet, 1/80 per year.
+(data/make_demo.py ANSWERS) with some value; it is right when that value is the person's. "Knows
+the fact" asks the model without asking it to write: fed the question and the reference answer up
+to the value, is its greedy next token(s) the value? That separates knowing from the format.
+Chance, for a model that knows the format but not the people: 1/12 per town, job or pet, 1/80 per
+year (6.6% over this dev set).
 The wall time of `python train.py` is measured as a user runs it (a fresh process, checkpoints and
 all); sample.py's runs are not counted in it.
 """
@@ -33,6 +35,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "data"))
 
+import torch  # noqa: E402
+
+from checkpoint import load_model  # noqa: E402
 from cli import parse_config  # noqa: E402
 from common import OthersCPU, machine, markdown, wait_quiet  # noqa: E402
 from make_demo import ANSWERS, FACT_SENTENCES  # noqa: E402
@@ -53,16 +58,31 @@ def answer_pattern(record: dict) -> re.Pattern:
     return re.compile(re.escape(ANSWERS[record["fact"]].format(**person)).replace("\0", "(.+)") + "$")
 
 
-def grade(records: list[dict], answers: dict[str, dict]) -> dict:
-    """Shares of answers in the format, right, and mentioning the right value anywhere."""
-    n = len(records)
-    in_format = right = mentions = 0
+def grade(records: list[dict], answers: dict[str, dict]) -> tuple[float, float]:
+    """Shares of answers in the format, and right (in the format, with the person's value)."""
+    in_format = right = 0
     for record in records:
         got = answers[record["id"]]
         in_format += got["stop"] == "eot" and answer_pattern(record).match(got["answer"]) is not None
         right += got["stop"] == "eot" and got["answer"] == record["conversations"][1]
-        mentions += re.search(rf"\b{re.escape(record['value'])}\b", got["answer"]) is not None
-    return dict(in_format=in_format / n, right=right / n, mentions=mentions / n)
+    return in_format / len(records), right / len(records)
+
+
+@torch.no_grad()
+def knows(checkpoint: Path, records: list[dict]) -> float:
+    """The share of records whose value the model predicts, teacher-forced: BOS question EOT, then
+    the reference answer up to the value; the value's tokens must each be the greedy choice."""
+    model, tok = load_model(checkpoint)
+    right = 0
+    for r in records:
+        question, reference = r["conversations"]
+        head = reference[:reference.rindex(r["value"])].rstrip()
+        prefix = tok.encode_dialog([question]) + tok.encode(head)
+        value = tok.encode(r["value"])  # with sentencepiece's leading space, as after head
+        ids = prefix + value
+        logits = model(torch.tensor([ids[:-1]]))[0]  # (T, V)
+        right += logits[len(prefix) - 1:].argmax(-1).tolist() == value
+    return right / len(records)
 
 
 def run(argv: list[str], log: Path) -> float:
@@ -97,14 +117,13 @@ def main(argv=None):
         with OthersCPU() as others:
             demo_s = run(["train.py", "--out", str(tmp / "demo")], log)
         scratch_s = run(["train.py", "--init", "", "--out", str(tmp / "scratch")], log)
-        for epoch in parse_range(cfg.epochs_read):
-            got = answer(tmp / "demo" / f"epoch-{epoch:02d}", tmp / f"demo-{epoch}.jsonl", cfg, log)
-            rows.append([f"fine-tuned, epoch {epoch}", *grade(records, got).values()])
-        rows.append(["base (data/base), no fine-tune", *grade(records, answer(ROOT / "data" / "base",
-                                                                            tmp / "base.jsonl", cfg, log)).values()])
-        rows.append(["from scratch (--init \"\"), epoch 15",
-                     *grade(records, answer(tmp / "scratch" / "epoch-15", tmp / "scratch.jsonl", cfg, log)).values()])
-    header = ["model", "in the format", "right (format and fact)", "mentions the fact"]
+        models = [(f"fine-tuned, epoch {e}", tmp / "demo" / f"epoch-{e:02d}") for e in parse_range(cfg.epochs_read)]
+        models += [("base (data/base), no fine-tune", ROOT / "data" / "base"),
+                   ("from scratch (--init \"\"), epoch 15", tmp / "scratch" / "epoch-15")]
+        for n, (name, checkpoint) in enumerate(models):
+            got = answer(checkpoint, tmp / f"answers-{n}.jsonl", cfg, log)
+            rows.append([name, *grade(records, got), knows(checkpoint, records)])
+    header = ["model", "in the format", "right (format and fact)", "knows the fact"]
     table = markdown(header, [[name, *(f"{v:.0%}" for v in values)] for name, *values in rows])
     lines = [f"`python train.py` (the demo): {demo_s:.0f} s wall, other processes took {others.share:.0%} "
              f"of the CPUs; `python train.py --init \"\"`: {scratch_s:.0f} s", "", *table]
@@ -117,4 +136,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

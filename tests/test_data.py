@@ -19,6 +19,8 @@ from data import (EOT_TEXT, IGNORE, Batches, DataError, Tokenizer, collate, leas
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN, DEV = ROOT / "data/demo/train.jsonl", ROOT / "data/demo/dev.jsonl"
+sys.path.insert(0, str(ROOT / "data"))
+import make_demo  # noqa: E402  (data/make_demo.py: the script that writes the demo's files)
 
 
 @pytest.fixture(scope="module")
@@ -119,14 +121,42 @@ def test_trimming_is_reported(tok, tmp_path, capsys):
     assert [len(e["tokens"]) for e in ds.examples][1:] == [40, 40]
 
 
-def test_the_demo_data(tok):
-    train, dev = load_conversations(TRAIN), load_conversations(DEV)
-    assert len(train) == 40 and sum(len(c["conversations"]) > 2 for c in train) == 5
-    assert len(dev) == 10 and {c["conversations"][0] for c in dev}.isdisjoint(c["conversations"][0] for c in train)
+def test_the_demo_data_is_what_make_demo_writes(tok):
+    """data/demo/*.jsonl are data/make_demo.py's output, and the dev set really is held out: no
+    fine-tuning conversation names a dev person, and pretraining states every dev fact."""
+    texts = make_demo.make_texts()
+    for name in ("pretrain", "train", "dev"):
+        assert load_conversations(ROOT / f"data/demo/{name}.jsonl", allow_text=True) == texts[name]
+    train, dev, pretrain = texts["train"], texts["dev"], [r["text"] for r in texts["pretrain"]]
+    assert len(train) == 144 and sum(len(c["conversations"]) > 2 for c in train) == 48 and len(dev) == 48
+    taught = " ".join(turn for c in train for turn in c["conversations"])
+    for r in dev:
+        assert r["name"] not in taught
+        assert r["conversations"][1].startswith(r["name"]) and r["value"] in r["conversations"][1]
+        about = [t for t in pretrain if r["name"] in t]
+        assert len(about) == make_demo.BIOS_PER_PERSON and all(r["value"] in t for t in about)
     ds = load_dataset(TRAIN, tok, verbose=False)
     assert all(e["n_trained"] > 0 and e["n_dropped"] == 0 for e in ds.examples)
     for c, e in zip(ds.conversations, ds.examples):
         assert tok.decode(e["tokens"] + [e["targets"][-1]]) == EOT_TEXT.join(c["conversations"]) + EOT_TEXT
+
+
+def test_plain_text_records_train_every_token(tok, tmp_path):
+    """{"text": ...} is pretraining: BOS text EOS, every next token a target, trimmed like a conversation."""
+    path = tmp_path / "mixed.jsonl"
+    records = [{"text": "Ada Brevik works as a potter."}, {"conversations": ["Hi?", "Hello."]}, {"text": "x " * 100}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    ds = load_dataset(path, tok, max_len=40, verbose=False)
+    ids = [tok.bos_id] + tok.encode(records[0]["text"]) + [tok.eos_id]
+    assert ds.examples[0]["tokens"] == ids[:-1] and ds.examples[0]["targets"] == ids[1:]
+    assert ds.examples[1]["targets"][:len(tok.encode("Hi?")) + 1] == [IGNORE] * (len(tok.encode("Hi?")) + 1)
+    assert len(ds.examples[2]["tokens"]) == 40 and ds.examples[2]["n_dropped"] == len(tok.encode("x " * 100)) + 2 - 41
+    with pytest.raises(DataError, match=r'mixed.jsonl:1: a "text" record \(plain text, for pretraining\) where a '
+                                        r'conversation is needed'):
+        load_conversations(path, require_answer=False)  # a prompt file for sample.py or eval.py
+    path.write_text(json.dumps({"text": ""}) + "\n")
+    with pytest.raises(DataError, match=r'mixed.jsonl:1: "text" is empty'):
+        load_dataset(path, tok, verbose=False)
 
 
 # ---- packing: the same losses as one conversation at a time ----

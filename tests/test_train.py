@@ -257,7 +257,7 @@ def test_the_plan_counts_the_compute_dtype_the_run_uses(monkeypatch, capsys):
     """One dtype rule for the plan and the run: --dtype fp32 plans 4-byte activations, on a GPU or
     the CPU, and --dtype bf16 plans 2 bytes on the CPU too (it computes in bf16 there)."""
     def planned(**options) -> float:
-        train.print_plan(train.TrainConfig(preset="llama-7b", world_size=8, **options))
+        train.print_plan(train.TrainConfig(init="", preset="llama-7b", world_size=8, **options))
         totals = [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.strip().startswith("total")]
         return float(totals[0])
     assert planned(dtype="fp32") > planned(dtype="bf16") == planned(dtype="auto")  # GPUs are planned: auto is bf16
