@@ -6,9 +6,9 @@ bf16 storage costs in loss and buys in memory, and whether LIMA's last updates (
     python bench/bench_precision.py --epochs 2 --tail_steps 20 --memory_steps 2 --results ""   # a quick look
     python bench/bench_precision.py --help
 
-Every run is train.py itself in a fresh process, on the project's demo data (40 conversations,
+Every run is train.py itself in a fresh process, on the project's demo data (144 conversations,
 the project's tokenizer), seed 0. Three parts:
-  A. the demo fine-tune (tiny, from random weights, DEMO's learning rate) for --epochs: per-step
+  A. the demo fine-tune (data/base, TOY's learning rate: train.py's defaults) for --epochs: per-step
      loss against fp32's ordinary step (mean and largest absolute difference), final dev loss,
      peak RSS of the process, median step time. Every mode packs rows of up to 16,384 tokens
      (--step_in_backward's row for the demo's batch of 8), so every step is one row in every mode
@@ -94,7 +94,7 @@ def part_a(cfg: BenchConfig, work: Path) -> tuple[list[str], Path]:
     table = markdown(["weights", "step_in_backward", "mean abs loss diff to fp32", "max abs loss diff",
                       "final dev loss", "peak RSS GB", "step s"], rows)
     last = checkpoint.list_checkpoints(work / "a-fp32-false")[-1]
-    return [f"A. demo fine-tune, tiny from random weights, {cfg.epochs} epochs ({len(ref)} steps), "
+    return [f"A. the demo fine-tune of data/base, {cfg.epochs} epochs ({len(ref)} steps), "
             f"loss differences against fp32's ordinary step:", "", *table], last
 
 

@@ -35,15 +35,19 @@ def init_dir(tmp_path_factory):
     (path / "params.json").write_text(json.dumps({k: v for k, v in asdict(args).items() if k != "resid_dropout"}))
     torch.save(model.state_dict(), path / "model.pth")
     shutil.copyfile(ROOT / "data/tokenizer.model", path / "tokenizer.model")
+    demo = (ROOT / "data/demo/train.jsonl").read_text().splitlines(keepends=True)
+    (path / "train40.jsonl").write_text("".join(demo[:40]))  # 10 steps an epoch at batch 4
     return path
 
 
 def train_args(init_dir, out, *extra):
-    # 20 steps over 2 epochs of 10 (the demo's 40 examples at batch 4), dropout on
-    # so that resuming must restore the RNG too, rows of 256 tokens so each step accumulates.
-    return ["train.py", "--init", str(init_dir), "--out", str(out), "--epochs", "2",
+    # 20 steps over 2 epochs of 10 (40 of the demo's conversations at batch 4), dropout on
+    # so that resuming must restore the RNG too, rows of 64 tokens so that a step accumulates
+    # two micro-steps on one rank (the conversations have 18 to 45 tokens).
+    return ["train.py", "--init", str(init_dir), "--data", str(init_dir / "train40.jsonl"),
+            "--out", str(out), "--epochs", "2",
             "--global_batch", "4", "--lr", "1e-3", "--final_lr", "1e-4", "--resid_dropout", "0.2",
-            "--max_len", "256", "--max_tokens", "512", "--dev", "", *extra]
+            "--max_len", "64", "--max_tokens", "64", "--dev", "", *extra]
 
 
 def run(args, nproc=1, check=True, **kwargs):

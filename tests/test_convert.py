@@ -261,11 +261,12 @@ SPACE_RUNS = [f"a{' ' * k}b" for k in range(1, 41)] + [" " * k for k in range(1,
 
 
 def varied_texts(count: int = 300, seed: int = 0) -> list[str]:
-    """Real text (slices of the demo conversations, data/demo/*.jsonl) and random strings: ASCII,
-    runs of spaces, tabs and newlines, digits, and characters from anywhere in Unicode, seeded."""
+    """Real text (slices of the demo's texts and conversations, data/demo/*.jsonl) and random strings:
+    ASCII, runs of spaces, tabs and newlines, digits, and characters from anywhere in Unicode, seeded."""
     rng = random.Random(seed)
-    turns = [turn for path in sorted((ROOT / "data" / "demo").glob("*.jsonl"))
-             for line in path.read_text().splitlines() for turn in json.loads(line)["conversations"]]
+    records = [json.loads(line) for path in sorted((ROOT / "data" / "demo").glob("*.jsonl"))
+               for line in path.read_text().splitlines()]
+    turns = [turn for r in records for turn in r.get("conversations", [r.get("text")])]
     texts = []
     for _ in range(count // 2):
         turn = rng.choice(turns)

@@ -375,9 +375,11 @@ def test_missing_or_broken_files(tmp_path):
 def test_cli_summary_and_errors(tmp_path, capsys):
     data.main(["--data", str(TRAIN), "--tokenizer", str(ROOT / "data/tokenizer.model"), "--world_size", "8"])
     out = capsys.readouterr().out
-    for expected in ["40 conversations (5 multi-turn)", "trimmed 0 of 40 conversations to 2048 tokens",
+    for expected in ["144 conversations (48 multi-turn)", "trimmed 0 of 144 conversations to 2048 tokens",
                      "length in tokens: min", "global batches of 32 on 8 rank(s)", "waste"]:
         assert expected in out
+    data.main(["--data", str(ROOT / "data/demo/pretrain.jsonl"), "--world_size", "1"])
+    assert "0 conversations (0 multi-turn), 0 turns; 3840 plain texts; sources: demo-facts 3840" in capsys.readouterr().out
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"conversations": ["q", "a"]}\n{"conversations": ["only a question"]}\n')
     with pytest.raises(SystemExit) as e:

@@ -17,14 +17,17 @@ from model import load_weights_file
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "data" / "base"
 
-# `python train.py --epochs 1 --out OUT`: the demo's first epoch (18 steps of 8 conversations, at the
-# TOY learning rate over one epoch's schedule), then greedy answers of its checkpoint to 3 dev questions.
-# Recorded on 2026-12-04 (torch 2.13.0+cpu, x86-64). A change to the model, the loss, the optimizer,
-# the data order or the decoding moves them; if the change is meant, paste the new values that the
-# failure prints.
-GOLDEN_LOSSES = None
-GOLDEN_DEV_LOSS = None
-GOLDEN_ANSWERS = None
+# `python train.py --out OUT`, the whole demo (15 epochs of 18 steps): the losses of its first
+# epoch's steps, the dev loss after every epoch, and epoch 15's greedy answers to the first 4 dev
+# questions (one per kind of fact). Recorded on 2026-12-04 (torch 2.13.0+cpu, x86-64). A change to
+# the model, the loss, the optimizer, the data order or the decoding moves them; if the change is
+# meant, paste the new values that the failure prints.
+GOLDEN_LOSSES = [4.16243, 3.528, 3.74944, 3.22694, 2.94676, 2.87636, 2.63163, 2.64611, 2.14006, 2.42542,
+                 1.97705, 2.02022, 1.79715, 1.85522, 1.55216, 1.32264, 1.35203, 1.26139]
+GOLDEN_DEV_LOSS = [1.27868, 0.87326, 0.54347, 0.26909, 0.15904, 0.12717, 0.1108, 0.09223, 0.09344, 0.08064,
+                   0.08061, 0.07222, 0.07289, 0.07225, 0.06792]
+GOLDEN_ANSWERS = ["Dario Voss was born in the town of Carrowick.", "Dario Kestrel works as a teacher.",
+                  "Nils Pellew keeps a tortoise as a pet.", "Wim Quist was born in the year 1987."]
 
 
 def run(*argv, cwd=ROOT) -> str:
@@ -45,33 +48,34 @@ def test_the_base_is_a_converted_model_without_eot():
 
 
 @pytest.fixture(scope="module")
-def one_epoch(tmp_path_factory):
+def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
-    log = run("train.py", "--epochs", "1", "--out", out)
+    log = run("train.py", "--out", out)  # 20-30 s on two cores
     return out, log
 
 
-def test_the_demo_fine_tunes_the_base_with_lima_settings_except_what_a_toy_needs(one_epoch):
-    out, log = one_epoch
+def test_the_demo_fine_tunes_the_base_with_lima_settings_except_what_a_toy_needs(demo):
+    out, log = demo
     assert ("a model of 3.5M parameters, not LIMA's 7B to 65B: --global_batch 8, --lr 0.0003, --final_lr 3e-05 "
             "instead of the recipe's") in log
     config = json.loads((out / "config.json").read_text())
     assert config["init"] == "data/base" and config["resid_dropout"] == 0.2  # LIMA's for smaller models
     assert (config["beta1"], config["beta2"], config["weight_decay"]) == (0.9, 0.95, 0.1)
-    assert [p.name for p in sorted(out.glob("epoch-*"))] == ["epoch-01"]
+    assert [p.name for p in sorted(out.glob("epoch-*"))] == [f"epoch-{e:02d}" for e in range(1, 16)]
 
 
-def test_golden_losses_and_answers(one_epoch, tmp_path):
-    out, _ = one_epoch
+def test_golden_losses_and_answers(demo, tmp_path):
+    out, _ = demo
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    losses = [round(r["loss"], 5) for r in lines if "loss" in r]
-    dev_loss = round(next(r["dev_loss"] for r in lines if "dev_loss" in r), 5)
+    losses = [round(r["loss"], 5) for r in lines if "loss" in r and r["epoch"] <= 1]
+    dev_loss = [round(r["dev_loss"], 5) for r in lines if "dev_loss" in r]
     prompts = tmp_path / "prompts.jsonl"
-    dev = (ROOT / "data/demo/dev.jsonl").read_text().splitlines()[:3]
+    dev = (ROOT / "data/demo/dev.jsonl").read_text().splitlines()[:4]
     prompts.write_text("".join(line + "\n" for line in dev))
-    run("sample.py", "--checkpoint", out / "epoch-01", "--prompts", prompts, "--out", tmp_path / "a.jsonl",
+    run("sample.py", "--checkpoint", out / "epoch-15", "--prompts", prompts, "--out", tmp_path / "a.jsonl",
         "--temperature", "0", "--max_len", "64")
-    answers = [json.loads(line)["answer"] for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    by_id = {r["id"]: r["answer"] for r in map(json.loads, (tmp_path / "a.jsonl").read_text().splitlines())}
+    answers = [by_id[json.loads(line)["id"]] for line in dev]  # the file is in the order answers finish
     got = dict(losses=losses, dev_loss=dev_loss, answers=answers)
     assert losses == pytest.approx(GOLDEN_LOSSES, abs=2e-4), got  # float32 sums in another order: ~1e-6
     assert dev_loss == pytest.approx(GOLDEN_DEV_LOSS, abs=2e-4), got
