@@ -141,6 +141,12 @@ def test_the_demo_data_is_what_make_demo_writes(tok):
         assert tok.decode(e["tokens"] + [e["targets"][-1]]) == EOT_TEXT.join(c["conversations"]) + EOT_TEXT
 
 
+def test_the_demo_tokenizer_is_what_make_demo_learns():
+    """data/tokenizer.model (and the base's copy) is sentencepiece's, learnt again here from the texts."""
+    learnt = make_demo.make_tokenizer(make_demo.tokenizer_texts(make_demo.make_texts()))
+    assert learnt == (ROOT / "data/tokenizer.model").read_bytes() == (ROOT / "data/base/tokenizer.model").read_bytes()
+
+
 def test_plain_text_records_train_every_token(tok, tmp_path):
     """{"text": ...} is pretraining: BOS text EOS, every next token a target, trimmed like a conversation."""
     path = tmp_path / "mixed.jsonl"
