@@ -242,12 +242,10 @@ if __name__ == "__main__" and build_parser().parse_args(sys.argv[1:]).command no
 # ---- checkpoints: dev loss and answers, the two commands that load a model ----
 # Imported here, after the command line, on purpose: see the block above.
 
-import torch
-import torch.nn.functional as F
-
 import checkpoint
 import sample
-from data import IGNORE, DataError, load_conversations, tokenize_conversation
+import train
+from data import DataError, load_conversations, load_dataset
 from model import resolve_device, resolve_dtype
 
 
@@ -272,31 +270,19 @@ def epoch_checkpoints(run) -> dict[int, Path]:
     return found
 
 
-def dev_loss(model, tok, conversations: list[list[str]], max_len: int) -> tuple[float, int]:
-    """(mean cross-entropy per trained token, number of trained tokens): answers only, as trained."""
-    device = model.tok_embeddings.weight.device
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for turns in conversations:  # one at a time: 50 dev prompts need no packing
-            tokens, targets, _ = tokenize_conversation(tok, turns, max_len, train_on_prompt=False)
-            tokens = torch.as_tensor(tokens, device=device)[None]  # (1, T)
-            targets = torch.as_tensor(targets, device=device)  # (T,), already shifted by one
-            logits = model(tokens)[0].float()  # (T, V); log-softmax in float32 for bf16 weights
-            total += F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum").item()
-            count += (targets != IGNORE).sum().item()
-    return total / max(count, 1), count
-
-
 def loss_table(run, dev, max_len=2048, device="auto", dtype="auto") -> list[dict]:
     """Dev loss and perplexity of every epoch checkpoint, printed and written to RUN/eval/dev_loss.jsonl."""
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    conversations = [r["conversations"] for r in load_conversations(dev, require_answer=True)]
-    rows = []
+    load_conversations(dev, require_answer=True)  # checked before any checkpoint is loaded
+    rows, examples = [], None
     print(f"{'checkpoint':<12} {'epoch':>5} {'step':>7} {'dev loss':>9} {'perplexity':>11}")
     for epoch, path in sorted(epoch_checkpoints(run).items()):
         model, tok = checkpoint.load_model(path, device, dtype)
-        loss, n = dev_loss(model, tok, conversations, max_len)
+        if examples is None:  # tokenized once, with the run's tokenizer, as train.py tokenizes it
+            examples = load_dataset(dev, tok, max_len, verbose=False).examples
+        # train.py's own dev loss: rows of 4,096 tokens (its default), or one conversation's max_len
+        loss, n = train.dev_loss(model, examples, max(4096, max_len), device)
         step = checkpoint.read_state(path)["step"]
         rows.append(dict(checkpoint=path.name, epoch=epoch, step=step, dev_loss=loss,
                          perplexity=math.exp(loss), tokens=n))

@@ -494,19 +494,24 @@ def stop_if_not_finite(step: int, out: Path, loss: float, grad_norm: float | Non
 
 
 @torch.no_grad()
-def dev_loss(model, examples, cfg: TrainConfig, rank: int, world_size: int, device) -> float:
-    """Mean per-token loss on the dev set, shared out over the ranks by the same packing."""
+@torch.no_grad()
+def dev_loss(model, examples, max_tokens: int, device, rank: int = 0, world_size: int = 1) -> tuple[float, int]:
+    """(mean loss per trained token, trained tokens) on the dev set, dropout off: the loss that
+    training minimises, on conversations it never saw. The ranks share the set out by the same
+    packing; eval.py's loss table computes it with this function too, one process on a checkpoint."""
+    was_training = model.training
     model.eval()
-    packing = pack_batch([len(e["tokens"]) for e in examples], world_size, cfg.max_tokens)
-    total = torch.zeros(2, device=device)  # (loss sum, trained tokens)
+    packing = pack_batch([len(e["tokens"]) for e in examples], world_size, max_tokens)
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, trained tokens)
     for idxs in packing[rank]:
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(examples, idxs).items()}
         h = model.hidden(batch["tokens"], batch["positions"], batch["doc_lens"])
         total[0] += loss_sum(h, model.output.weight, batch["targets"])
         total[1] += (batch["targets"] != IGNORE).sum()
-    dist.all_reduce(total)
-    model.train()
-    return (total[0] / total[1]).item()
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    model.train(was_training)
+    return (total[0] / total[1]).item(), int(total[1].item())
 
 
 def train(cfg: TrainConfig):
@@ -604,7 +609,7 @@ def train(cfg: TrainConfig):
         if end_of_epoch:
             epoch = step // batches.steps_per_epoch
             if dev_set is not None:
-                loss_dev = dev_loss(model, dev_set.examples, cfg, rank, world_size, device)
+                loss_dev = dev_loss(model, dev_set.examples, cfg.max_tokens, device, rank, world_size)[0]
                 if rank == 0:
                     metrics.write(json.dumps(dict(step=step, epoch=epoch, dev_loss=loss_dev)) + "\n")
                     metrics.flush()

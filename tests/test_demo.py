@@ -80,3 +80,16 @@ def test_golden_losses_and_answers(demo, tmp_path):
     assert losses == pytest.approx(GOLDEN_LOSSES, abs=2e-4), got  # float32 sums in another order: ~1e-6
     assert dev_loss == pytest.approx(GOLDEN_DEV_LOSS, abs=2e-4), got
     assert answers == GOLDEN_ANSWERS, got
+
+
+def test_the_dev_loss_train_logs_is_the_one_eval_tabulates(demo):
+    """One dev loss: train.py's after each epoch (FSDP, in the run) equals eval.py loss's (one
+    process, each checkpoint reloaded from its shards): the same weights, tokens and function."""
+    out, _ = demo
+    run("eval.py", "loss", "--run", out, "--dev", ROOT / "data/demo/dev.jsonl")
+    logged = {r["epoch"]: r["dev_loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+              if "dev_loss" in r}
+    table = {r["epoch"]: r["dev_loss"] for r in map(json.loads, (out / "eval/dev_loss.jsonl").read_text().splitlines())}
+    assert sorted(table) == sorted(logged) == list(range(1, 16))
+    for epoch in table:
+        assert table[epoch] == pytest.approx(logged[epoch], rel=1e-6), epoch
