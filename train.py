@@ -1,10 +1,13 @@
 """
 LIMA fine-tuning: supervised loss on ~1,000 curated conversations, FSDP2 + activation checkpointing.
 
-The CPU demo (tiny model from random weights, the project's own small dataset, a few minutes):
+The CPU demo (data/base, a 3.5M-parameter LLaMA pretrained on facts, fine-tuned on 144
+conversations about them; about 25 s; see README and data/make_demo.py):
     python train.py
 The same on two CPU processes (gloo), as the 8-GPU run would be on a node:
     torchrun --standalone --nproc_per_node 2 train.py
+The same fine-tune from random weights (what pretraining gave the base, missing):
+    python train.py --init "" --preset tiny --out out/demo-scratch
 LIMA itself: LLaMA 65B converted with convert.py, on one 8xA100-80GB node, which it fits with
 bf16 weights, stochastic rounding and the optimizer stepped in backward (picked by the memory
 plan, printed at the start; more nodes get float32; see --plan true):
@@ -514,6 +517,150 @@ def dev_loss(model, examples, max_tokens: int, device, rank: int = 0, world_size
     return (total[0] / total[1]).item(), int(total[1].item())
 
 
+# ---- the memory plan: what fits the device ----
+
+CUDA_RESERVE_GB = 2.0  # GPU memory outside the plan: CUDA context, NCCL buffers, fragmentation (not measured)
+
+
+def ranks_on_this_node(device) -> int:
+    """The ranks that share this machine's memory: its GPUs, or the CPU processes torchrun started."""
+    return torch.cuda.device_count() if device.type == "cuda" else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def memory_budget(device) -> tuple[float, str]:
+    """GB one rank may plan for, and of what: its GPU, or its share of the host's available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / memory.GB - CUDA_RESERVE_GB, "GPU"
+    return memory.host_available_gb() / ranks_on_this_node(device) - memory.PROCESS_GB, "CPU rank"
+
+
+def choose_memory(cfg: TrainConfig, args: ModelArgs, world_size: int, device, saved: dict | None = None,
+                  verbose: bool = True) -> TrainConfig:
+    """Before anything loads: settle --weights, --step_in_backward and --max_tokens, and refuse a
+    run that the memory plan says would run out of memory.
+
+    "auto" takes the most precise configuration that fits this rank's memory (memory.candidates
+    gives the order); a resumed run keeps what it started with. Without this a 65B run that cannot
+    fit finds out after many minutes of loading, and a CPU run that exhausts the host's RAM is
+    killed by the kernel without a word.
+    """
+    check_choices(cfg)
+    if saved:  # a resumed run continues as it began: the same optimizer state and rows
+        for name, unset in (("weights", "auto"), ("step_in_backward", "auto"), ("max_tokens", 0)):
+            if getattr(cfg, name) == unset:
+                setattr(cfg, name, saved[name])
+        if saved["weights"] != cfg.weights:
+            raise ValueError(f"this run's optimizer state is --weights {saved['weights']}, which cannot "
+                             f"continue as --weights {cfg.weights}: resume with the same value")
+    budget_gb, budget = memory_budget(device)
+    ranks_here = ranks_on_this_node(device)
+    host_gb = memory.host_available_gb() - ranks_here * memory.PROCESS_GB  # for --offload's state
+    base = memory.Options(world_size=world_size, gpus_per_node=ranks_here, max_tokens=cfg.max_tokens,
+                          ac=cfg.ac, offload=cfg.offload, gpu_gb=budget_gb, host_gb=host_gb if cfg.offload else 0.0,
+                          compute_bytes=resolve_dtype(cfg.dtype, device).itemsize)
+    options = memory.candidates(base, cfg.weights, cfg.step_in_backward, cfg.global_batch, cfg.max_len,
+                                cfg.grad_clip > 0)
+    chosen, plans = memory.choose(args, options)
+    p = next((p for o, p in zip(options, plans) if o is chosen), None)
+    if chosen is None:
+        least, p = min(zip(options, plans), key=lambda op: (op[1]["gpu_total"], op[1]["cpu_per_node"]))
+        if cfg.memory_check:
+            host = (f"; --offload true also needs {p['cpu_per_node'] / memory.GB:.1f} GB of host memory on "
+                    f"this node, which has {host_gb:.1f} GB available" if cfg.offload else "")
+            raise ValueError(f"the memory plan needs at least {p['gpu_total'] / memory.GB:.1f} GB per {budget} "
+                             f"(--weights {least.weights} --step_in_backward {str(least.step_in_backward).lower()}) "
+                             f"and {budget_gb:.1f} GB are available ({world_size} rank(s), --ac {cfg.ac}){host}; "
+                             f"see train.py --plan true for what fits (--memory_check false to try anyway)")
+        chosen = least  # told to try anyway: the least hungry
+    cfg.weights, cfg.max_tokens = chosen.weights, chosen.max_tokens
+    cfg.step_in_backward = str(chosen.step_in_backward).lower()
+    if verbose:
+        print(f"memory plan: --weights {cfg.weights} --step_in_backward {cfg.step_in_backward} --max_tokens "
+              f"{cfg.max_tokens}: {p['gpu_total'] / memory.GB:.1f} of {budget_gb:.1f} GB per {budget}"
+              + (" (the most precise that fits)" if len(options) > 1 else ""))
+    return cfg
+
+
+# ---- checkpoints and metrics ----
+
+RUN_DEFINING = ("data", "epochs", "global_batch", "seed", "lr", "final_lr", "max_len", "train_on_prompt")
+
+
+def check_same_run(saved: dict, cfg: TrainConfig, path: Path):
+    """The step count is the data position only if the run is the same run: refuse otherwise."""
+    for name in RUN_DEFINING:
+        if saved.get(name) != getattr(cfg, name):
+            raise ValueError(f"{path} was trained with --{name} {saved.get(name)} but this run has "
+                             f"--{name} {getattr(cfg, name)}: resume with the same value, or start "
+                             f"a new run in another --out")
+
+
+def open_metrics(path: Path, step: int):
+    """metrics.jsonl for appending, holding only the records up to `step`, where the run resumes:
+    a crashed run's steps after its last checkpoint are dropped, as they are about to be redone.
+    A last line cut short by the crash goes with them; a bad line before it is an error."""
+    kept = []
+    lines = path.read_text().splitlines() if step and path.is_file() else []
+    for n, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            record_step = record["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            if n == len(lines):
+                print(f"{path}:{n}: dropped a line cut short (by the crash?)", file=sys.stderr)
+                break
+            raise ValueError(f"{path}:{n}: not a metrics record (a JSON object with a step); "
+                             f"fix or delete the line, then resume") from None
+        if record_step <= step:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept))
+    return open(path, "a")
+
+
+def save(path: Path, step: int, batches: Batches, cfg: TrainConfig, ckpt_args: dict):
+    """Save a checkpoint, then drop AdamW's state from all but the newest --keep_optim.
+
+    The data position needs no saving of its own: the order of epoch e is a pure function of
+    (seed, e), so the step count says exactly where in which epoch the run stands.
+    """
+    epoch, step_in_epoch = divmod(step, batches.steps_per_epoch)
+    state = dict(step=step, epoch=epoch, step_in_epoch=step_in_epoch, config=asdict(cfg))
+    checkpoint.save(path, state=state, **ckpt_args)
+    checkpoint.drop_old_optimizer_states(path.parent, cfg.keep_optim)
+
+
+def step_flops(args: ModelArgs, lengths: list[int]) -> float:
+    """Model FLOPs of one optimizer step over conversations of these lengths (PaLM's count).
+
+    Every matmul weight costs 6 FLOPs per token (2 forward, 4 backward); the embedding is a
+    lookup and the RMSNorm gains are elementwise, so neither counts. Causal attention within a conversation of n tokens adds, per layer,
+    n^2 D multiply-adds for q k^T and as many for the weighted sum of v (half of the n x n
+    square, twice 2 FLOPs each): 2 n^2 D forward, 6 n^2 D with backward. Recomputation by
+    activation checkpointing is not counted: MFU measures useful work.
+    """
+    norm_gains = (2 * args.n_layers + 1) * args.dim
+    matmul_params = memory.param_counts(args)[0] - args.vocab_size * args.dim - norm_gains
+    return 6 * matmul_params * sum(lengths) + 6 * args.n_layers * args.dim * sum(n * n for n in lengths)
+
+
+# Dense bf16 tensor-core peak by device name (first match wins), from NVIDIA's data sheets.
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def device_stats(device, flops_per_s: float) -> dict:
+    """Peak memory and MFU (model FLOPs per second per GPU over the bf16 peak), on GPU."""
+    if device.type != "cuda":
+        return {}
+    stats = dict(peak_mem_gb=torch.cuda.max_memory_allocated(device) / 1e9)
+    name = torch.cuda.get_device_name(device)
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    if peak:
+        stats["mfu"] = flops_per_s / peak
+    return stats
+
+
+# ---- the run ----
+
 def train(cfg: TrainConfig):
     rank, world_size, device = setup_distributed()
     out = Path(cfg.out)
@@ -629,86 +776,7 @@ def train(cfg: TrainConfig):
 
 
 # What fixes the data order and the learning-rate schedule: a resume must not change them.
-RUN_DEFINING = ("data", "epochs", "global_batch", "seed", "lr", "final_lr", "max_len", "train_on_prompt")
-
-
-def check_same_run(saved: dict, cfg: TrainConfig, path: Path):
-    """The step count is the data position only if the run is the same run: refuse otherwise."""
-    for name in RUN_DEFINING:
-        if saved.get(name) != getattr(cfg, name):
-            raise ValueError(f"{path} was trained with --{name} {saved.get(name)} but this run has "
-                             f"--{name} {getattr(cfg, name)}: resume with the same value, or start "
-                             f"a new run in another --out")
-
-
-def open_metrics(path: Path, step: int):
-    """metrics.jsonl for appending, holding only the records up to `step`, where the run resumes:
-    a crashed run's steps after its last checkpoint are dropped, as they are about to be redone.
-    A last line cut short by the crash goes with them; a bad line before it is an error."""
-    kept = []
-    lines = path.read_text().splitlines() if step and path.is_file() else []
-    for n, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-            record_step = record["step"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            if n == len(lines):
-                print(f"{path}:{n}: dropped a line cut short (by the crash?)", file=sys.stderr)
-                break
-            raise ValueError(f"{path}:{n}: not a metrics record (a JSON object with a step); "
-                             f"fix or delete the line, then resume") from None
-        if record_step <= step:
-            kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept))
-    return open(path, "a")
-
-
-def save(path: Path, step: int, batches: Batches, cfg: TrainConfig, ckpt_args: dict):
-    """Save a checkpoint, then drop AdamW's state from all but the newest --keep_optim.
-
-    The data position needs no saving of its own: the order of epoch e is a pure function of
-    (seed, e), so the step count says exactly where in which epoch the run stands.
-    """
-    epoch, step_in_epoch = divmod(step, batches.steps_per_epoch)
-    state = dict(step=step, epoch=epoch, step_in_epoch=step_in_epoch, config=asdict(cfg))
-    checkpoint.save(path, state=state, **ckpt_args)
-    checkpoint.drop_old_optimizer_states(path.parent, cfg.keep_optim)
-
-
-def step_flops(args: ModelArgs, lengths: list[int]) -> float:
-    """Model FLOPs of one optimizer step over conversations of these lengths (PaLM's count).
-
-    Every matmul weight costs 6 FLOPs per token (2 forward, 4 backward); the embedding is a
-    lookup and the RMSNorm gains are elementwise, so neither counts. Causal attention within a conversation of n tokens adds, per layer,
-    n^2 D multiply-adds for q k^T and as many for the weighted sum of v (half of the n x n
-    square, twice 2 FLOPs each): 2 n^2 D forward, 6 n^2 D with backward. Recomputation by
-    activation checkpointing is not counted: MFU measures useful work.
-    """
-    norm_gains = (2 * args.n_layers + 1) * args.dim
-    matmul_params = memory.param_counts(args)[0] - args.vocab_size * args.dim - norm_gains
-    return 6 * matmul_params * sum(lengths) + 6 * args.n_layers * args.dim * sum(n * n for n in lengths)
-
-
-# Dense bf16 tensor-core peak by device name (first match wins), from NVIDIA's data sheets.
-PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
-
-
-def device_stats(device, flops_per_s: float) -> dict:
-    """Peak memory and MFU (model FLOPs per second per GPU over the bf16 peak), on GPU."""
-    if device.type != "cuda":
-        return {}
-    stats = dict(peak_mem_gb=torch.cuda.max_memory_allocated(device) / 1e9)
-    name = torch.cuda.get_device_name(device)
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-    if peak:
-        stats["mfu"] = flops_per_s / peak
-    return stats
-
-
 # ---- command line ----
-
-CUDA_RESERVE_GB = 2.0  # GPU memory outside the plan: CUDA context, NCCL buffers, fragmentation (not measured)
-
 
 def check_choices(cfg: TrainConfig):
     """Every option among its choices and in its range (the annotations of TrainConfig, checked by
@@ -717,65 +785,6 @@ def check_choices(cfg: TrainConfig):
     if cfg.step_in_backward == "true" and cfg.grad_clip > 0:
         raise ValueError("--step_in_backward true steps each parameter before the other gradients exist, "
                          "so it cannot clip by the global norm: drop --grad_clip or use --step_in_backward false")
-
-
-def ranks_on_this_node(device) -> int:
-    """The ranks that share this machine's memory: its GPUs, or the CPU processes torchrun started."""
-    return torch.cuda.device_count() if device.type == "cuda" else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-
-
-def memory_budget(device) -> tuple[float, str]:
-    """GB one rank may plan for, and of what: its GPU, or its share of the host's available RAM."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory / memory.GB - CUDA_RESERVE_GB, "GPU"
-    return memory.host_available_gb() / ranks_on_this_node(device) - memory.PROCESS_GB, "CPU rank"
-
-
-def choose_memory(cfg: TrainConfig, args: ModelArgs, world_size: int, device, saved: dict | None = None,
-                  verbose: bool = True) -> TrainConfig:
-    """Before anything loads: settle --weights, --step_in_backward and --max_tokens, and refuse a
-    run that the memory plan says would run out of memory.
-
-    "auto" takes the most precise configuration that fits this rank's memory (memory.candidates
-    gives the order); a resumed run keeps what it started with. Without this a 65B run that cannot
-    fit finds out after many minutes of loading, and a CPU run that exhausts the host's RAM is
-    killed by the kernel without a word.
-    """
-    check_choices(cfg)
-    if saved:  # a resumed run continues as it began: the same optimizer state and rows
-        for name, unset in (("weights", "auto"), ("step_in_backward", "auto"), ("max_tokens", 0)):
-            if getattr(cfg, name) == unset:
-                setattr(cfg, name, saved[name])
-        if saved["weights"] != cfg.weights:
-            raise ValueError(f"this run's optimizer state is --weights {saved['weights']}, which cannot "
-                             f"continue as --weights {cfg.weights}: resume with the same value")
-    budget_gb, budget = memory_budget(device)
-    ranks_here = ranks_on_this_node(device)
-    host_gb = memory.host_available_gb() - ranks_here * memory.PROCESS_GB  # for --offload's state
-    base = memory.Options(world_size=world_size, gpus_per_node=ranks_here, max_tokens=cfg.max_tokens,
-                          ac=cfg.ac, offload=cfg.offload, gpu_gb=budget_gb, host_gb=host_gb if cfg.offload else 0.0,
-                          compute_bytes=resolve_dtype(cfg.dtype, device).itemsize)
-    options = memory.candidates(base, cfg.weights, cfg.step_in_backward, cfg.global_batch, cfg.max_len,
-                                cfg.grad_clip > 0)
-    chosen, plans = memory.choose(args, options)
-    p = next((p for o, p in zip(options, plans) if o is chosen), None)
-    if chosen is None:
-        least, p = min(zip(options, plans), key=lambda op: (op[1]["gpu_total"], op[1]["cpu_per_node"]))
-        if cfg.memory_check:
-            host = (f"; --offload true also needs {p['cpu_per_node'] / memory.GB:.1f} GB of host memory on "
-                    f"this node, which has {host_gb:.1f} GB available" if cfg.offload else "")
-            raise ValueError(f"the memory plan needs at least {p['gpu_total'] / memory.GB:.1f} GB per {budget} "
-                             f"(--weights {least.weights} --step_in_backward {str(least.step_in_backward).lower()}) "
-                             f"and {budget_gb:.1f} GB are available ({world_size} rank(s), --ac {cfg.ac}){host}; "
-                             f"see train.py --plan true for what fits (--memory_check false to try anyway)")
-        chosen = least  # told to try anyway: the least hungry
-    cfg.weights, cfg.max_tokens = chosen.weights, chosen.max_tokens
-    cfg.step_in_backward = str(chosen.step_in_backward).lower()
-    if verbose:
-        print(f"memory plan: --weights {cfg.weights} --step_in_backward {cfg.step_in_backward} --max_tokens "
-              f"{cfg.max_tokens}: {p['gpu_total'] / memory.GB:.1f} of {budget_gb:.1f} GB per {budget}"
-              + (" (the most precise that fits)" if len(options) > 1 else ""))
-    return cfg
 
 
 def print_plan(cfg: TrainConfig):
