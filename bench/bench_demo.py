@@ -1,9 +1,9 @@
 """
-The CPU demo, measured: does a fine-tune on a few dozen conversations answer questions about facts
+The CPU demo, measured: does a fine-tune on 144 conversations answer questions about facts
 that only pretraining taught? LIMA's superficial alignment hypothesis, at toy size.
 
     python bench/bench_demo.py                  # the demo as `python train.py` runs it, then the controls
-    python bench/bench_demo.py --epochs_read 5-15 --results ""   # answers of more epochs, nothing recorded
+    python bench/bench_demo.py --epochs_read 1-15 --results ""   # every epoch's answers, nothing recorded
 
 Three models answer data/demo/dev.jsonl greedily (sample.py --temperature 0, the paper's repetition
 penalty): 48 questions about people whom no fine-tuning conversation mentions, one fact each.
