@@ -385,8 +385,9 @@ class Transformer(nn.Module):
             layer.attention.kv_cache = KVCache(batch_size, n_kv_heads, max_seq_len, self.args.head_dim,
                                                dtype or w.dtype, device or w.device)
 
-    def forward_cached(self, tokens: torch.Tensor, at: CacheSlots) -> torch.Tensor:
-        """Decoding: tokens (B, T) of cache rows at.rows at positions at.positions -> logits (B, T, V).
+    def forward_cached(self, tokens: torch.Tensor, at: CacheSlots, last: torch.Tensor | None = None) -> torch.Tensor:
+        """Decoding: tokens (B, T) of cache rows at.rows at positions at.positions -> logits (B, T, V),
+        or with last (B,) only each row's logits at index last[b]: (B, 1, V).
 
         Every row of the cache is a conversation of its own at its own position (continuous
         batching: a row that finishes takes the next prompt while the others go on). A token
@@ -400,6 +401,8 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             h = layer(h, freqs_cis, mask[:, None], at)  # mask (B, 1, T, length): over heads
+        if last is not None:  # a prefill needs the prediction after each prompt's last token only:
+            h = h[torch.arange(h.size(0), device=h.device), last][:, None]  # (B, 1, D), not (B, T, V) logits
         return self.output(self.norm(h))
 
     # ---- initialisation, loading, vocabulary ----

@@ -285,28 +285,38 @@ def decode(model: Transformer, prompts: list[list[int]], s: Settings, eot_id: in
     holds, reach = [None] * B, [0] * B
     waiting = list(range(len(prompts)))[::-1]  # popped from the end: in order
 
-    def admit(b: int, i: int):
-        """Prefill prompt i into cache row b and draw its first token."""
-        p = torch.tensor([prompts[i]], device=device)  # (1, n)
-        n = p.size(1)
-        at = CacheSlots(rows=torch.tensor([b], device=device), positions=torch.arange(n, device=device)[None],
-                        length=filled_length(n, S, s.compile))
-        logits = model.forward_cached(p, at)[:, -1]  # (1, V)
-        seen[b] = False
+    def admit(free: list[int]):
+        """Prefill the next prompts into the free cache rows, in one forward, and draw their first
+        tokens. Shorter prompts are padded on the right: a pad's slot lies past its row's prompt,
+        where the row's own steps write before any token reads it (forward_cached's mask)."""
+        pairs = [(b, waiting.pop()) for b in free[:len(waiting)]]
+        if not pairs:  # nothing to answer (every prompt of a resumed file is done)
+            return
+        b_rows = torch.tensor([b for b, _ in pairs], device=device)
+        lens = [len(prompts[i]) for _, i in pairs]
+        p = torch.full((len(pairs), max(lens)), eot_id, device=device)  # (k, n)
+        for r, (_, i) in enumerate(pairs):
+            p[r, :lens[r]] = torch.tensor(prompts[i], device=device)
+        at = CacheSlots(rows=b_rows, positions=torch.arange(p.size(1), device=device).expand_as(p),
+                        length=filled_length(p.size(1), S, s.compile))
+        last = torch.tensor(lens, device=device) - 1
+        logits = model.forward_cached(p, at, last)[:, 0]  # (k, V)
+        seen[b_rows] = False
         if s.penalize_prompt:
-            seen[b, p[0]] = True
-        row_keys[b] = keys[i]
-        step_0 = torch.zeros(1, dtype=torch.long, device=device)  # the first draw of this answer
-        first = tp.agree(next_token(logits, seen[b:b + 1], s, uniforms(row_keys[b:b + 1], step_0)))
-        token[b], positions[b], written[b] = first[0], n, 1
-        budget[b] = min(total - n, limits[i]) if limits else total - n
-        answer[b, 0] = first[0]
-        seen[b, first[0]] = True
-        done[b] = (first[0] == eot_id) | (budget[b] <= 1)
-        holds[b], reach[b] = i, n + 1
+            for r, (b, i) in enumerate(pairs):
+                seen[b, p[r, :lens[r]]] = True
+        row_keys[b_rows] = torch.tensor([keys[i] for _, i in pairs], device=device)
+        step_0 = torch.zeros(len(pairs), dtype=torch.long, device=device)  # the first draw of each answer
+        first = tp.agree(next_token(logits, seen[b_rows], s, uniforms(row_keys[b_rows], step_0)))
+        for r, (b, i) in enumerate(pairs):
+            token[b], positions[b], written[b] = first[r], lens[r], 1
+            budget[b] = min(total - lens[r], limits[i]) if limits else total - lens[r]
+            answer[b, 0] = first[r]
+            seen[b, first[r]] = True
+            done[b] = (first[r] == eot_id) | (budget[b] <= 1)
+            holds[b], reach[b] = i, lens[r] + 1
 
-    for b in range(B):
-        admit(b, waiting.pop())
+    admit(list(range(B)))
     if on_token is not None:
         on_token(token)
     rows = torch.arange(B, device=device)
@@ -315,11 +325,12 @@ def decode(model: Transformer, prompts: list[list[int]], s: Settings, eot_id: in
         # Look for finished rows now and then: each look waits for the device, and between looks
         # the host runs ahead queueing steps (streaming waits for every token anyway).
         if t % STOP_CHECK_EVERY == 0 or on_token is not None:
-            for b in [b for b, d in enumerate(done.tolist()) if d and holds[b] is not None]:
+            finished = [b for b, d in enumerate(done.tolist()) if d and holds[b] is not None]
+            for b in finished:
                 yield holds[b], answer[b, :written[b]].tolist()
                 holds[b], reach[b] = None, 1  # an idle row decodes on in place, unread
-                if waiting:
-                    admit(b, waiting.pop())
+            if finished and waiting:
+                admit(finished)
             if all(h is None for h in holds):
                 return
         length = filled_length(max(reach), S, s.compile)
