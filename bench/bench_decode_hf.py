@@ -17,6 +17,11 @@ prompts share one length, so nothing is padded. Arms:
     hf-static   model.generate(cache_implementation="static"), eager
 Decode speed, as in bench_decode.py: (tokens after the first) / (time of the whole generate -
 time of a generate that stops after the first token), medians of --repeats timings.
+"Of the bound": a step reads every weight once (float32 here), so it takes at least (weight
+bytes) / (read bandwidth), the bandwidth measured in the same run (bench/common.py
+read_bandwidth_gbs); the column is that bound over the measured step time. A model whose weights
+fit in the CPU's caches can beat it; one far below it is paying for something else (per-op
+overhead, sampling).
 """
 
 import statistics
@@ -33,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from cli import parse_config  # noqa: E402
-from common import MODELS, OthersCPU, hf_llama, machine, markdown, wait_quiet  # noqa: E402
+from common import MODELS, OthersCPU, hf_llama, machine, markdown, read_bandwidth_gbs, wait_quiet  # noqa: E402
 from model import Transformer  # noqa: E402
 from sample import Settings, generate  # noqa: E402
 
@@ -91,7 +96,7 @@ def check_greedy(arm, ours, hf, prompts, n: int) -> str:
     return ""
 
 
-def bench(name: str, cfg: BenchConfig) -> tuple[list[dict], list[str]]:
+def bench(name: str, cfg: BenchConfig, bandwidth_gbs: float) -> tuple[list[dict], list[str]]:
     args = replace(MODELS[name], max_seq_len=cfg.prompt_len + max(cfg.new_tokens, cfg.check_tokens))
     torch.manual_seed(0)
     ours = Transformer(args)
@@ -119,24 +124,27 @@ def bench(name: str, cfg: BenchConfig) -> tuple[list[dict], list[str]]:
                     first[arm].append(timed(arm, ours, hf, prompts, LIMA, 1))
         timings = {arm: ((statistics.median(full[arm]) - statistics.median(first[arm])) / (cfg.new_tokens - 1),
                          statistics.median(first[arm]), others.share) for arm in arms}
+        bound_s = ours.num_params() * 4 / (bandwidth_gbs * 1e9)  # float32 weights, read once a step
         for arm, (step_s, first, others) in timings.items():
             vs_hf = f"{timings['hf'][0] / step_s:.2f}" if "hf" in timings else "-"
             rows.append([name, f"{ours.num_params() / 1e6:.0f}M", batch, arm, f"{batch / step_s:,.0f}",
-                         f"{step_s * 1e3:.2f}", f"{first * 1e3:.0f}", vs_hf, f"{others:.0%}"])
+                         f"{step_s * 1e3:.2f}", f"{first * 1e3:.0f}", vs_hf, f"{bound_s / step_s:.0%}",
+                         f"{others:.0%}"])
     return rows, notes
 
 
 def main(argv):
     cfg = parse_config(BenchConfig, argv)[0]
     load_before = wait_quiet()
-    rows, notes = [], []
+    bandwidth = read_bandwidth_gbs()
+    rows, notes = [], [f"read bandwidth, measured in this run: {bandwidth:.1f} GB/s"]
     for name in cfg.models.split(","):
-        r, n = bench(name, cfg)
+        r, n = bench(name, cfg, bandwidth)
         rows += r
         notes += n
     import transformers
     header = ["model", "params", "batch", "arm", "decode tok/s", "ms/step", "prefill + 1st token ms",
-              "x HF generate", "others' CPU"]
+              "x HF generate", "of the bound", "others' CPU"]
     title = (f"## {datetime.now():%Y-%m-%d %H:%M} decode vs HF: {machine(load_before)}, transformers "
              f"{transformers.__version__}, fp32, prompt {cfg.prompt_len} + {cfg.new_tokens} new tokens, "
              f"T 0.7, top-p 0.9, repetition penalty 1.2")

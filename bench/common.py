@@ -98,6 +98,20 @@ class OthersCPU:
         self.share = max(others, 0.0) / (wall * os.cpu_count())
 
 
+def read_bandwidth_gbs(gb: float = 2.0, repeats: int = 5) -> float:
+    """The memory read bandwidth this process gets, in GB/s: the best of `repeats` sums over a
+    float32 tensor of `gb` GB, far larger than any cache (a sum reads each byte once and its
+    arithmetic is cheap, as a decode step's reads of the weights are)."""
+    x = torch.ones(int(gb * 1e9 / 4))
+    x.sum()  # the pages faulted in before timing
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best / 1e9
+
+
 def machine(load_before: float) -> str:
     """The header line every results table carries."""
     return (f"{platform.platform()}, {torch.get_num_threads()} threads of {os.cpu_count()} CPUs, "
