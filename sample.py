@@ -137,14 +137,29 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
+TOP_P_CANDIDATES = 256  # on the CPU, the likeliest tokens top_p_filter sorts before it sorts them all
+
+
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Nucleus (Holtzman et al. 2019): keep the fewest likeliest tokens whose probabilities sum to >= p.
 
     Tokens tied with the least likely one kept are kept too, so the nucleus never depends on
     how a sort happens to order equal probabilities.
+
+    Only the nucleus needs sorting. On the CPU, a sort of 32,001 probabilities is a third of a
+    small model's decode step (1.6 ms), and the TOP_P_CANDIDATES likeliest, from topk, take
+    0.1 ms: when they hold mass p in every row the nucleus is among them and the result is the
+    same as sorting everything; otherwise (a flat distribution) everything is sorted. On a GPU
+    the sort is cheap and the check would make the host wait for every step, so it sorts.
     """
     probs = logits.softmax(dim=-1)
-    sorted_probs = probs.sort(dim=-1, descending=True).values  # (B, V)
+    k = min(TOP_P_CANDIDATES, probs.size(-1))
+    if probs.device.type == "cpu" and k < probs.size(-1):
+        sorted_probs = probs.topk(k, dim=-1).values  # (B, k), descending
+        if (sorted_probs.sum(dim=-1) < p).any():
+            sorted_probs = probs.sort(dim=-1, descending=True).values  # (B, V)
+    else:
+        sorted_probs = probs.sort(dim=-1, descending=True).values  # (B, V)
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the strictly likelier tokens
     n_keep = (mass_before < p).sum(dim=-1, keepdim=True)  # (B, 1), at least 1
     cutoff = sorted_probs.gather(-1, n_keep - 1)  # (B, 1): the smallest probability kept

@@ -112,6 +112,31 @@ def test_top_p_works_row_by_row_and_respects_earlier_filters():
     assert torch.equal(top_p_filter(logits, 0.8)[0, :2], logits[0, :2])
 
 
+def nucleus_by_full_sort(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """The definition, one row at a time over the whole sorted vocabulary: the likeliest tokens
+    until their mass reaches p, and every token tied with the last one taken."""
+    keep = torch.zeros(logits.shape, dtype=torch.bool)
+    for b, row in enumerate(logits.softmax(-1)):
+        values = row.sort(descending=True).values
+        n = int((values.cumsum(0) - values < p).sum())
+        keep[b] = row >= values[n - 1]
+    return keep
+
+
+@pytest.mark.parametrize("scale, wide", [(0.01, True), (0.5, True), (3.0, True), (10.0, False)])
+def test_top_p_over_a_real_vocabulary_equals_the_full_sort(scale, wide):
+    """top_p_filter looks among the likeliest TOP_P_CANDIDATES first on the CPU; whether the
+    nucleus is inside them (peaked logits) or not (flat ones: it sorts everything), it keeps
+    exactly what sorting all 32,001 keeps."""
+    torch.manual_seed(0)
+    logits = torch.randn(6, 32001) * scale
+    logits[1, :5] = 100.0  # five tokens tied at the top hold nearly all the mass
+    kept = top_p_filter(logits, 0.9) > NEG_INF
+    assert torch.equal(kept, nucleus_by_full_sort(logits, 0.9))
+    assert (kept.sum(-1).max() > sample.TOP_P_CANDIDATES) == wide  # both paths are taken
+    assert kept[1].tolist()[:6] == [True] * 5 + [False]
+
+
 def test_top_k_keeps_the_k_largest_and_ties_with_the_kth():
     logits = torch.tensor([[1.0, 3.0, 2.0, 3.0, -1.0]])
     assert (top_k_filter(logits, 2) > NEG_INF).tolist() == [[False, True, False, True, False]]
