@@ -95,6 +95,18 @@ def hf(config=None, whole_config=None, rows=None, more=None):
     return setup
 
 
+def run_folder(name, steps):
+    """setup: d/name, a training run's folder holding a checkpoint at each of these steps (epoch-NN
+    at the end of an epoch of 5 steps, else step-NNNNNN), complete as list_checkpoints sees them."""
+    def setup(d: Path, ctx):
+        for step in steps:
+            epoch, rest = divmod(step, 5)
+            ckpt = f"{name}/epoch-{epoch:02d}" if rest == 0 else f"{name}/step-{step:06d}"
+            files({f"{ckpt}/state.json": dict(step=step, epoch=epoch, world_size=1, config={}),
+                   f"{ckpt}/params.json": {}, f"{ckpt}/tokenizer.model": b"", f"{ckpt}/model/.metadata": b""})(d, ctx)
+    return setup
+
+
 def both(*setups):
     def setup(d, ctx):
         for s in setups:
@@ -166,6 +178,12 @@ CASES = [
     Case("checkpoint-export-stray-argument", ["checkpoint.py", "export", "{d}/a", "{d}/b", "fp32"],
          "unrecognized arguments: fp32"),
     Case("checkpoint-list-no-folder", ["checkpoint.py", "list", "{d}/no-run"], "{d}/no-run"),
+    Case("train-resume-a-run-folder", [*T, "--resume", "{d}/out"],
+         "{d}/out is a training run's folder, not one checkpoint: --resume auto continues from its newest, "
+         "{d}/out/step-000012, or name it: --resume {d}/out/step-000012", run_folder("out", [5, 10, 12])),
+    Case("train-resume-another-run-folder", [*T, "--resume", "{d}/run"],
+         "{d}/run is a training run's folder, not one checkpoint: --resume auto --out {d}/run continues from its "
+         "newest, {d}/run/epoch-02, or name it: --resume {d}/run/epoch-02", run_folder("run", [5, 10])),
 
     # -- params.json: not an object, sizes not positive integers, heads that do not divide --
     Case("params-not-an-object", ["train.py", "--init", "{d}/m", "--out", "{d}/out"],
