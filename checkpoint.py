@@ -116,6 +116,21 @@ def list_checkpoints(out_dir) -> list[Path]:
     return sorted(found, key=lambda p: read_state(p)["step"])
 
 
+def not_one_checkpoint(path: Path, resume: str = "") -> str | None:
+    """If path is a training run's folder (holding checkpoints), not one checkpoint: the one-line
+    error naming the one to give instead; None for anything else. To read answers (sample.py,
+    eval.py) that is its newest epoch; to resume, its newest of any kind, which `resume` (the
+    --resume auto that continues this folder) would pick."""
+    if not (found := list_checkpoints(path)):
+        return None
+    head = f"{path} is a training run's folder, not one checkpoint"
+    if resume:
+        return f"{head}: {resume} continues from its newest, {found[-1]}, or name it: --resume {found[-1]}"
+    epochs = [p for p in found if p.name.startswith("epoch-")]
+    return (f"{head}: give one of its checkpoints, such as its newest {'epoch' if epochs else 'one'}, "
+            f"{(epochs or found)[-1]}")
+
+
 def damaged(out_dir) -> list[str]:
     """What is wrong with each folder of out_dir that is named like a checkpoint but is not one."""
     out_dir = Path(out_dir)
@@ -313,10 +328,8 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None) -> tuple[Tr
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such checkpoint directory")
     if not (path / "tokenizer.model").is_file():
-        if found := list_checkpoints(path):
-            epochs = [p for p in found if p.name.startswith("epoch-")]
-            raise ValueError(f"{path} is a training run's folder, not one checkpoint: give one of its "
-                             f"checkpoints, such as its newest {'epoch' if epochs else 'one'}, {(epochs or found)[-1]}")
+        if why := not_one_checkpoint(path):
+            raise ValueError(why)
         raise FileNotFoundError(f"{path}: no tokenizer.model; expected a directory written by "
                                 f"convert.py, train.py or checkpoint.py export")
     tok = Tokenizer(path / "tokenizer.model")

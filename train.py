@@ -667,6 +667,10 @@ def train(cfg: TrainConfig):
     if not cfg.resume and checkpoint.list_checkpoints(out):  # before minutes of loading
         raise ValueError(f"{out} already holds checkpoints of a run: --resume auto continues it, "
                          f"or choose another --out (nothing was overwritten)")
+    if cfg.resume not in ("", "auto"):  # one checkpoint, not a run's folder of them
+        auto = "--resume auto" + ("" if Path(cfg.resume) == out else f" --out {cfg.resume}")
+        if why := checkpoint.not_one_checkpoint(Path(cfg.resume), resume=auto):
+            raise ValueError(why)
     tokenizer_path = Path(cfg.init) / "tokenizer.model" if cfg.init else Path(cfg.tokenizer)
     tokenizer = Tokenizer(tokenizer_path)
     args = model_args(cfg, tokenizer)  # --init's params.json and vocabulary: checked before the data is read

@@ -16,6 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import train
 from data import IGNORE, pack_batch
 from model import ModelArgs, Transformer
+from test_checkpoint import init_dir, run, train_args  # noqa: F401  (init_dir: a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=16,
@@ -64,15 +65,19 @@ def fresh_model(seed=0):
 
 # ---- LIMA's learning rate and sizes ----
 
-def test_lr_is_linear_from_1e5_to_1e6_without_warmup():
-    total = 15 * 32  # 15 epochs of 32 steps: LIMA's 1,000 examples at batch 32 (rounded)
-    assert train.lr_at(0, total, 1e-5, 1e-6) == pytest.approx(1e-5)  # no warmup: full lr at once
-    assert train.lr_at(total - 1, total, 1e-5, 1e-6) == pytest.approx(1e-6)
-    mid = (total - 1) / 2
-    assert train.lr_at(int(mid), total, 1e-5, 1e-6) == pytest.approx(1e-5 - 9e-6 * int(mid) / (total - 1))
-    lrs = [train.lr_at(s, total, 1e-5, 1e-6) for s in range(total)]
-    steps = [a - b for a, b in zip(lrs, lrs[1:])]
-    assert max(steps) == pytest.approx(min(steps))  # a straight line
+def test_a_run_steps_at_1e5_first_and_1e6_last_in_a_straight_line(init_dir, tmp_path):
+    """LIMA's schedule (section 2: 1e-5 decaying linearly to 1e-6, no warmup) as a real run logs it:
+    the rate each of its 10 optimizer steps took, from metrics.jsonl."""
+    assert (train.TrainConfig.lr, train.TrainConfig.final_lr) == (1e-5, 1e-6)  # the recipe's defaults
+    # given on the command line: a model this small would get train.TOY's instead
+    run(train_args(init_dir, tmp_path, "--epochs", "1", "--lr", "1e-5", "--final_lr", "1e-6"))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in records if "loss" in r]
+    assert len(lrs) == 10
+    assert lrs[0] == 1e-5  # no warmup: the first step takes the whole rate
+    assert lrs[-1] == pytest.approx(1e-6, rel=1e-9)  # and the last step the final one
+    drops = [a - b for a, b in zip(lrs, lrs[1:])]
+    assert min(drops) > 0 and max(drops) == pytest.approx(min(drops), rel=1e-6)  # a straight line down
 
 
 def test_size_defaults_follow_the_paper():
