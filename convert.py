@@ -49,13 +49,14 @@ import mmap
 import os
 import shutil
 import struct
+import zipfile
+import zlib
 from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import sentencepiece
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
 from tqdm import tqdm
 
 from model import DTYPES, ModelArgs, Transformer, check_state_dict, load_weights_file, vocab_rows
@@ -352,13 +353,22 @@ def staging(dst: Path):
 
 
 def write_model(path: Path, layout: dict[str, torch.Tensor], fill):
-    """torch.save a dict shaped like layout (meta tensors), filled one layer at a time by fill(out)."""
-    with FakeTensorMode():  # tensors with a shape and a dtype but no memory
-        skeleton = type(layout)((k, torch.empty(t.shape, dtype=t.dtype)) for k, t in layout.items())
+    """torch.save a dict shaped like layout (meta tensors), filled one layer at a time by fill(out).
+
+    The file is byte for byte what torch.save of the filled dict writes, but the dict never exists
+    whole: torch.save first writes the pickle and the zip's index with holes where the tensors'
+    bytes go (skip_data), fill writes each layer's bytes into the file's memory map, and
+    seal_zip writes the checksums last.
+    """
+    # torch.empty reserves address space only: a page exists once touched, and skip_data touches
+    # none. (Tensors of FakeTensorMode would do too, but their pickle spells the device anew each
+    # time, where torch.save's memoises it: a different file.)
+    skeleton = type(layout)((k, torch.empty(t.shape, dtype=t.dtype)) for k, t in layout.items())
     if hasattr(layout, "_metadata"):  # a module's state_dict (an OrderedDict with its versions)
         skeleton._metadata = layout._metadata
-    with torch.serialization.skip_data(materialize_fake_tensors=True):
-        torch.save(skeleton, path)  # the pickle and the zip index, with holes where the bytes go
+    with torch.serialization.skip_data():
+        torch.save(skeleton, path)
+    del skeleton
     if hasattr(os, "posix_fallocate"):  # claim the disk now: a full disk is an error here, not a crash later
         with open(path, "r+b") as f:
             os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
@@ -368,6 +378,62 @@ def write_model(path: Path, layout: dict[str, torch.Tensor], fill):
             out = torch.load(path, mmap=True, weights_only=True)
         fill({k: out[k] for k in keys})
         del out  # unmapped: the written pages leave this process (the kernel writes them back)
+    seal_zip(path)
+
+
+def hash_combine(seed: int, value: int) -> int:
+    """c10::hash_combine (boost's), on 64 bits: how torch folds the records' CRC-32s into one."""
+    return (seed ^ (value + 0x9E3779B9 + (seed << 6) + (seed >> 2))) & (2**64 - 1)
+
+
+def seal_zip(path: Path, chunk: int = 1 << 24):
+    """Write the CRC-32 of every record into a zip that torch.save wrote with skip_data (it leaves
+    them 0, and `unzip -t` would call the file corrupt), and the serialization id that torch.save
+    derives from them (20 digits hashing the records' names, then 20 folding their CRC-32s in
+    order). Each record is read in chunks: memory stays at `chunk` bytes."""
+    with zipfile.ZipFile(path) as z:
+        records = sorted(z.infolist(), key=lambda r: r.header_offset)
+        directory = z.start_dir
+    if not records[-1].filename.endswith("/.data/serialization_id") or records[-1].file_size != 40:
+        raise ValueError(f"{path}: torch.save wrote a zip of a layout this code does not know")
+    crcs, total = {}, sum(r.file_size for r in records)
+    with open(path, "r+b") as f, tqdm(total=total, desc="checksums", unit="B", unit_scale=True, disable=None) as bar:
+        def data_at(r: zipfile.ZipInfo) -> int:
+            f.seek(r.header_offset + 26)
+            name_len, extra_len = struct.unpack("<HH", f.read(4))  # the local header's lengths
+            return r.header_offset + 30 + name_len + extra_len
+
+        def write_crc(r: zipfile.ZipInfo, start: int, crc: int):
+            f.seek(start + r.file_size)  # the data descriptor after the bytes: signature, CRC-32, sizes
+            if f.read(4) != b"PK\x07\x08":
+                raise ValueError(f"{path}: no data descriptor after {r.filename}: not torch.save's layout")
+            f.write(struct.pack("<I", crc))
+            crcs[r.filename] = crc
+
+        combined = 0
+        for r in records[:-1]:
+            start, crc = data_at(r), 0
+            f.seek(start)
+            for done in range(0, r.file_size, chunk):
+                crc = zlib.crc32(f.read(min(chunk, r.file_size - done)), crc)
+                bar.update(min(chunk, r.file_size - done))
+            write_crc(r, start, crc)
+            combined = hash_combine(combined, crc)
+        start = data_at(records[-1])
+        f.seek(start)
+        serialization_id = f.read(20) + f"{combined:020d}".encode()  # the names' part is right already
+        f.seek(start)
+        f.write(serialization_id)
+        write_crc(records[-1], start, zlib.crc32(serialization_id))
+        f.seek(directory)
+        for _ in records:  # the central directory's entries: CRC-32 at offset 16, lengths at 28
+            entry = f.tell()
+            head = f.read(46)
+            name_len, extra_len, comment_len = struct.unpack("<HHH", head[28:34])
+            name = f.read(name_len).decode()
+            f.seek(entry + 16)
+            f.write(struct.pack("<I", crcs[name]))
+            f.seek(entry + 46 + name_len + extra_len + comment_len)
 
 
 def convert(src, dst, dtype: torch.dtype | None = None):

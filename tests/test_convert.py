@@ -152,6 +152,10 @@ def assert_same_weights(dst: Path, weights: dict):
     assert loaded.keys() == weights.keys()
     for k, w in weights.items():
         assert loaded[k].dtype == w.dtype and torch.equal(loaded[k], w), k
+    # Written tensor by tensor, the file is still byte for byte torch.save's, checksums and all.
+    (dst.parent / "saved-by-torch").mkdir()
+    torch.save({k: weights[k] for k in loaded}, dst.parent / "saved-by-torch/model.pth")
+    assert (dst / "model.pth").read_bytes() == (dst.parent / "saved-by-torch/model.pth").read_bytes()
 
 
 def assert_same_logits(dst: Path, weights: dict, args: ModelArgs):

@@ -22,6 +22,13 @@ BASE = ROOT / "data" / "base"
 # questions (one per kind of fact). Recorded on 2026-12-04 (torch 2.13.0+cpu, x86-64). A change to
 # the model, the loss, the optimizer, the data order or the decoding moves them; if the change is
 # meant, paste the new values that the failure prints.
+#
+# How close a rerun comes depends on the machine, so each value is held as tightly as a rerun on
+# another CPU allows (measured: two x86-64 VMs, same torch, two threads). Another CPU sums float32
+# in another order (~1e-7); the first steps agree to every digit printed, then AdamW amplifies the
+# difference (a gradient near zero moves its weight by about lr whatever its size, so a flipped sign
+# is a full step): 1e-3 of the loss by the end of epoch 1, 17% of the dev loss by epoch 8. The
+# greedy answers, of a model that has learned its facts, did not move.
 GOLDEN_LOSSES = [4.16243, 3.528, 3.74944, 3.22694, 2.94676, 2.87636, 2.63163, 2.64611, 2.14006, 2.42542,
                  1.97705, 2.02022, 1.79715, 1.85522, 1.55216, 1.32264, 1.35203, 1.26139]
 GOLDEN_DEV_LOSS = [1.27868, 0.87326, 0.54347, 0.26909, 0.15904, 0.12717, 0.1108, 0.09223, 0.09344, 0.08064,
@@ -77,8 +84,10 @@ def test_golden_losses_and_answers(demo, tmp_path):
     by_id = {r["id"]: r["answer"] for r in map(json.loads, (tmp_path / "a.jsonl").read_text().splitlines())}
     answers = [by_id[json.loads(line)["id"]] for line in dev]  # the file is in the order answers finish
     got = dict(losses=losses, dev_loss=dev_loss, answers=answers)
-    assert losses == pytest.approx(GOLDEN_LOSSES, abs=2e-4), got  # float32 sums in another order: ~1e-6
-    assert dev_loss == pytest.approx(GOLDEN_DEV_LOSS, abs=2e-4), got
+    assert losses[:4] == pytest.approx(GOLDEN_LOSSES[:4], abs=2e-5), got  # measured: equal
+    assert losses[4:] == pytest.approx(GOLDEN_LOSSES[4:], rel=5e-3), got  # measured: within 1e-3
+    assert dev_loss[0] == pytest.approx(GOLDEN_DEV_LOSS[0], rel=2e-3), got  # measured: 1.2e-4
+    assert dev_loss[1:] == pytest.approx(GOLDEN_DEV_LOSS[1:], rel=0.35), got  # measured: within 17%
     assert answers == GOLDEN_ANSWERS, got
 
 
