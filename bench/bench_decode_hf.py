@@ -13,13 +13,16 @@ so ours runs with penalize_prompt=True here (the same work; ours leaves it off b
 Every row runs to the length limit (ours: no EOT id can occur; HF: min_new_tokens), and the
 prompts share one length, so nothing is padded. Arms:
     ours        sample.generate: a static KV cache preallocated once, read up to its filled part, eager
+    ours-compiled  the same with --compile: inductor's step (on the CPU, batch 1's matrix-vector
+                products as its own loops: sample.py cpu_matvec_as_loops); compiled in the warm-up
     hf          model.generate with its default DynamicCache, which grows by concatenation
     hf-static   model.generate(cache_implementation="static"), eager
 Decode speed, as in bench_decode.py: (tokens after the first) / (time of the whole generate -
 time of a generate that stops after the first token), medians of --repeats timings.
-"Of the bound": a step reads every weight once (float32 here), so it takes at least (weight
-bytes) / (read bandwidth), the bandwidth measured in the same run (bench/common.py
-read_bandwidth_gbs); the column is that bound over the measured step time. A model whose weights
+"Of the bound": a step reads every weight once (float32 here) but the embedding table, of which
+it reads one row per token, so it takes at least (those bytes) / (read bandwidth), the bandwidth
+measured in the same run (bench/common.py read_bandwidth_gbs); the column is that bound over the
+measured step time. A model whose weights
 fit in the CPU's caches can beat it; one far below it is paying for something else (per-op
 overhead, sampling).
 """
@@ -47,7 +50,7 @@ from sample import Settings, generate  # noqa: E402
 class BenchConfig:
     models: str = "tiny,100m"  # comma-separated names from bench/common.py MODELS
     batches: str = "1,8"  # comma-separated batch sizes
-    arms: str = "ours,hf,hf-static"  # see above
+    arms: str = "ours,ours-compiled,hf,hf-static"  # see above
     prompt_len: int = 32  # tokens of every prompt
     new_tokens: int = 64  # tokens decoded after it
     check_tokens: int = 32  # greedy tokens compared before timing
@@ -74,8 +77,9 @@ def hf_generate(hf, prompts: torch.Tensor, s: Settings, new: int, static: bool) 
 
 
 def run(arm: str, ours, hf, prompts: torch.Tensor, s: Settings, new: int) -> list[list[int]]:
-    if arm == "ours":
-        return generate(ours, prompts.tolist(), replace(s, max_len=prompts.size(1) + new), eot_id=-1)
+    if arm in ("ours", "ours-compiled"):
+        s = replace(s, max_len=prompts.size(1) + new, compile=arm == "ours-compiled")
+        return generate(ours, prompts.tolist(), s, eot_id=-1)
     return hf_generate(hf, prompts, s, new, static=arm == "hf-static").tolist()
 
 
@@ -124,7 +128,8 @@ def bench(name: str, cfg: BenchConfig, bandwidth_gbs: float) -> tuple[list[dict]
                     first[arm].append(timed(arm, ours, hf, prompts, LIMA, 1))
         timings = {arm: ((statistics.median(full[arm]) - statistics.median(first[arm])) / (cfg.new_tokens - 1),
                          statistics.median(first[arm]), others.share) for arm in arms}
-        bound_s = ours.num_params() * 4 / (bandwidth_gbs * 1e9)  # float32 weights, read once a step
+        read = (ours.num_params() - ours.tok_embeddings.weight.numel()) * 4  # float32, once a step
+        bound_s = read / (bandwidth_gbs * 1e9)
         for arm, (step_s, first, others) in timings.items():
             vs_hf = f"{timings['hf'][0] / step_s:.2f}" if "hf" in timings else "-"
             rows.append([name, f"{ours.num_params() / 1e6:.0f}M", batch, arm, f"{batch / step_s:,.0f}",

@@ -282,6 +282,18 @@ def test_sampled_answers_depend_only_on_the_seed_and_the_prompts_id(tok):
     assert other[0] != reference["a"]
 
 
+def test_compiled_decoding_on_the_cpu_answers_as_eager_decoding(tok):
+    """--compile on the CPU: inductor's step, with batch 1's matrix-vector products as loops of its
+    own (their sums in another order), gives eager decoding's greedy answers; the answers run past
+    64 cache slots, so a second graph (128 slots) is compiled and agrees too."""
+    model = tiny_model(tok.vocab_size, max_seq_len=160)
+    prompts = prompts_for(tok, QUESTIONS)
+    s = Settings(temperature=0, max_len=100)
+    eager = generate(model, prompts, s, tok.eot_id, slots=1)
+    assert max(len(p) + len(a) for p, a in zip(prompts, eager)) > 64
+    assert generate(model, prompts, Settings(temperature=0, max_len=100, compile=True), tok.eot_id, slots=1) == eager
+
+
 def test_load_model_checks_the_tokenizer_against_the_weights(tok, tmp_path, capsys):
     model, loaded_tok = load_model(save_checkpoint(tiny_model(tok.vocab_size), tmp_path / "ok"))
     assert model.args.vocab_size == loaded_tok.vocab_size
