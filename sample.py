@@ -93,6 +93,7 @@ if __name__ == "__main__":
 
 import functools
 import json
+import weakref
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
@@ -235,10 +236,24 @@ def compiled_decode_step(device_type: str):
     batch 1's matrix-vector products become loops of its own (cpu_matvec_as_loops).
     """
     if device_type == "cuda":
-        return torch.compile(decode_step, mode="reduce-overhead", fullgraph=True)
+        return torch.compile(decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
     if device_type == "cpu":
         cpu_matvec_as_loops()
-    return torch.compile(decode_step, fullgraph=True)
+    return torch.compile(decode_step, fullgraph=True, dynamic=False)  # a graph per length: no symbolic one
+
+
+compiled_for = None  # a weak reference to the model the compiled graphs were traced with
+
+
+def compiled_step(model: Transformer):
+    """The compiled decode step for this model. Graphs traced for another model are dropped first:
+    dynamo keeps at most 8 per function (its recompile_limit), and a process that answers with
+    several models (a benchmark, a notebook) would reach it after two."""
+    global compiled_for
+    if compiled_for is not None and compiled_for() is not model:
+        torch.compiler.reset()
+    compiled_for = weakref.ref(model)
+    return compiled_decode_step(model.tok_embeddings.weight.device.type)
 
 
 def cpu_matvec_as_loops():
@@ -311,7 +326,7 @@ def decode(model: Transformer, prompts: list[list[int]], s: Settings, eot_id: in
     S = model.layers[0].attention.kv_cache.k_cache.size(2)
     V = model.args.vocab_size
     keys = [answer_key(s.seed, k) for k in (keys if keys is not None else range(len(prompts)))]
-    step = compiled_decode_step(device.type) if s.compile else decode_step
+    step = compiled_step(model) if s.compile else decode_step
     # Per row, on the device: the last token, its position, the answer so far, its sampling key,
     # tokens written, the answer's budget, the penalty's set, and whether the row is done.
     token = torch.full((B,), eot_id, device=device)
