@@ -265,8 +265,8 @@ def cpu_matvec_as_loops():
     rewrites them as a broadcast multiply and a sum, which it fuses into one vectorised loop over
     the weight (36-39 GB/s on the same cores); its CPU default stops at 2048 rows and columns, so
     the limit is lifted to take the output layer (32,001 rows) too. Wider batches keep the BLAS
-    (the pass takes one row only). A private knob: if a torch lacks it, the step is compiled
-    without it, slower, the same answers.
+    (the pass takes one row only). A private knob, set for the rest of the process: if a torch
+    lacks it, the step compiles without it, only slower.
     """
     try:
         from torch._inductor import config
