@@ -150,22 +150,28 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     Only the nucleus needs sorting. On the CPU, a sort of 32,001 probabilities is a third of a
     small model's decode step (1.6 ms), and the TOP_P_CANDIDATES likeliest, from topk, take
     0.1 ms: when they hold mass p in every row the nucleus is among them and the result is the
-    same as sorting everything; otherwise (a flat distribution) everything is sorted. On a GPU
-    the sort is cheap and the check would make the host wait for every step, and a compiled step
-    has no branch on a value, so those sort.
+    same as sorting everything; otherwise (a flat distribution) everything is sorted. torch.cond
+    is that `if`, in a form torch.compile keeps inside its graph (the step compiled whole). On a
+    GPU the sort is cheap and the check would make the host wait for every step, so it sorts.
     """
     probs = logits.softmax(dim=-1)
     k = min(TOP_P_CANDIDATES, probs.size(-1))
-    if probs.device.type == "cpu" and k < probs.size(-1) and not torch.compiler.is_compiling():
-        sorted_probs = probs.topk(k, dim=-1).values  # (B, k), descending
-        if (sorted_probs.sum(dim=-1) < p).any():
-            sorted_probs = probs.sort(dim=-1, descending=True).values  # (B, V)
+    if probs.device.type == "cpu" and k < probs.size(-1):
+        top = probs.topk(k, dim=-1).values  # (B, k), descending
+        cutoff = torch.cond((top.sum(dim=-1) >= p).all(),
+                            lambda probs, top: nucleus_cutoff(top, p),
+                            lambda probs, top: nucleus_cutoff(probs.sort(dim=-1, descending=True).values, p),
+                            (probs, top))
     else:
-        sorted_probs = probs.sort(dim=-1, descending=True).values  # (B, V)
+        cutoff = nucleus_cutoff(probs.sort(dim=-1, descending=True).values, p)
+    return logits.masked_fill(probs < cutoff, float("-inf"))
+
+
+def nucleus_cutoff(sorted_probs: torch.Tensor, p: float) -> torch.Tensor:
+    """The smallest probability the nucleus keeps (B, 1), from each row's likeliest first (B, n)."""
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the strictly likelier tokens
     n_keep = (mass_before < p).sum(dim=-1, keepdim=True)  # (B, 1), at least 1
-    cutoff = sorted_probs.gather(-1, n_keep - 1)  # (B, 1): the smallest probability kept
-    return logits.masked_fill(probs < cutoff, float("-inf"))
+    return sorted_probs.gather(-1, n_keep - 1)
 
 
 def sample_from(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -17,14 +17,16 @@ prompts share one length, so nothing is padded. Arms:
                 products as its own loops: sample.py cpu_matvec_as_loops); compiled in the warm-up
     hf          model.generate with its default DynamicCache, which grows by concatenation
     hf-static   model.generate(cache_implementation="static"), eager
+Random weights give flat next-token distributions (tiny: top-p 0.9 keeps 25,000 of 32,001 tokens),
+where a trained model's are peaked (a nucleus of a few to a few hundred); the output layer is
+multiplied by --logit_scale (default 10: nuclei of 34 to 193 tokens for tiny), on both sides.
 Decode speed, as in bench_decode.py: (tokens after the first) / (time of the whole generate -
 time of a generate that stops after the first token), medians of --repeats timings.
 "Of the bound": a step reads every weight once (float32 here) but the embedding table, of which
 it reads one row per token, so it takes at least (those bytes) / (read bandwidth), the bandwidth
 measured in the same run (bench/common.py read_bandwidth_gbs); the column is that bound over the
-measured step time. A model whose weights
-fit in the CPU's caches can beat it; one far below it is paying for something else (per-op
-overhead, sampling).
+measured step time. A model whose weights fit in the CPU's caches can beat it; one far below it
+is paying for something else (per-op overhead, sampling).
 """
 
 import statistics
@@ -55,6 +57,7 @@ class BenchConfig:
     new_tokens: int = 64  # tokens decoded after it
     check_tokens: int = 32  # greedy tokens compared before timing
     repeats: int = 3  # the median of this many timings
+    logit_scale: float = 10.0  # the output layer is multiplied by this: see above; 1 for the random weights' own
     results: str = "bench/results.md"  # relative to the repository; the table is appended; "" to skip
 
 
@@ -106,6 +109,8 @@ def bench(name: str, cfg: BenchConfig, bandwidth_gbs: float) -> tuple[list[dict]
     ours = Transformer(args)
     ours.init_weights()
     ours.eval()
+    with torch.no_grad():
+        ours.output.weight *= cfg.logit_scale
     hf = hf_llama(args, ours.state_dict()).eval()
     rows, notes = [], []
     for batch in [int(b) for b in cfg.batches.split(",")]:
@@ -151,7 +156,7 @@ def main(argv):
     header = ["model", "params", "batch", "arm", "decode tok/s", "ms/step", "prefill + 1st token ms",
               "x HF generate", "of the bound", "others' CPU"]
     title = (f"## {datetime.now():%Y-%m-%d %H:%M} decode vs HF: {machine(load_before)}, transformers "
-             f"{transformers.__version__}, fp32, prompt {cfg.prompt_len} + {cfg.new_tokens} new tokens, "
+             f"{transformers.__version__}, fp32, output layer x{cfg.logit_scale:g}, prompt {cfg.prompt_len} + {cfg.new_tokens} new tokens, "
              f"T 0.7, top-p 0.9, repetition penalty 1.2")
     command = f"    python bench/bench_decode_hf.py {' '.join(argv)}".rstrip()
     text = "\n".join([title, "", command, "", *markdown(header, rows), "", *notes])
