@@ -24,8 +24,9 @@ Decode speed, as in bench_decode.py: (tokens after the first) / (time of the who
 time of a generate that stops after the first token), medians of --repeats timings.
 "Of the bound": a step reads every weight once (float32 here) but the embedding table, of which
 it reads one row per token, so it takes at least (those bytes) / (read bandwidth), the bandwidth
-measured in the same run (bench/common.py read_bandwidth_gbs); the column is that bound over the
-measured step time. A model whose weights fit in the CPU's caches can beat it; one far below it
+measured just before and just after each model and batch's timings (bench/common.py
+read_bandwidth_gbs; the higher of the two: a VM's bandwidth varies with its neighbours); the
+column is that bound over the measured step time. A model whose weights fit in the CPU's caches can beat it; one far below it
 is paying for something else (per-op overhead, sampling).
 """
 
@@ -103,7 +104,7 @@ def check_greedy(arm, ours, hf, prompts, n: int) -> str:
     return ""
 
 
-def bench(name: str, cfg: BenchConfig, bandwidth_gbs: float) -> tuple[list[dict], list[str]]:
+def bench(name: str, cfg: BenchConfig) -> tuple[list[dict], list[str]]:
     args = replace(MODELS[name], max_seq_len=cfg.prompt_len + max(cfg.new_tokens, cfg.check_tokens))
     torch.manual_seed(0)
     ours = Transformer(args)
@@ -126,11 +127,16 @@ def bench(name: str, cfg: BenchConfig, bandwidth_gbs: float) -> tuple[list[dict]
         # The arms alternate, repetition by repetition, so that a slow minute of the machine
         # falls on all of them rather than on whichever ran then.
         full, first = {arm: [] for arm in arms}, {arm: [] for arm in arms}
+        bandwidth_gbs = read_bandwidth_gbs()
         with OthersCPU() as others:
             for _ in range(cfg.repeats):
                 for arm in arms:
                     full[arm].append(timed(arm, ours, hf, prompts, LIMA, cfg.new_tokens))
                     first[arm].append(timed(arm, ours, hf, prompts, LIMA, 1))
+        after = read_bandwidth_gbs()
+        notes.append(f"{name}, batch {batch}: read bandwidth {bandwidth_gbs:.1f} GB/s before the timings and "
+                     f"{after:.1f} after; the bound takes the higher")
+        bandwidth_gbs = max(bandwidth_gbs, after)  # a neighbour's slow minute must not flatter the ratio
         timings = {arm: ((statistics.median(full[arm]) - statistics.median(first[arm])) / (cfg.new_tokens - 1),
                          statistics.median(first[arm]), others.share) for arm in arms}
         read = (ours.num_params() - ours.tok_embeddings.weight.numel()) * 4  # float32, once a step
@@ -146,10 +152,9 @@ def bench(name: str, cfg: BenchConfig, bandwidth_gbs: float) -> tuple[list[dict]
 def main(argv):
     cfg = parse_config(BenchConfig, argv)[0]
     load_before = wait_quiet()
-    bandwidth = read_bandwidth_gbs()
-    rows, notes = [], [f"read bandwidth, measured in this run: {bandwidth:.1f} GB/s"]
+    rows, notes = [], []
     for name in cfg.models.split(","):
-        r, n = bench(name, cfg, bandwidth)
+        r, n = bench(name, cfg)
         rows += r
         notes += n
     import transformers
