@@ -150,18 +150,27 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     Only the nucleus needs sorting. On the CPU, a sort of 32,001 probabilities is a third of a
     small model's decode step (1.6 ms), and the TOP_P_CANDIDATES likeliest, from topk, take
     0.1 ms: when they hold mass p in every row the nucleus is among them and the result is the
-    same as sorting everything; otherwise (a flat distribution) everything is sorted. torch.cond
-    is that `if`, in a form torch.compile keeps inside its graph (the step compiled whole). On a
-    GPU the sort is cheap and the check would make the host wait for every step, so it sorts.
+    same as sorting everything; otherwise (a flat distribution) everything is sorted. Compiled,
+    that `if` on a value is torch.cond, which keeps both branches inside the graph (eager
+    torch.cond would run dynamo on every call). On a GPU the sort is cheap and the check would
+    make the host wait for every step, so it sorts.
     """
     probs = logits.softmax(dim=-1)
     k = min(TOP_P_CANDIDATES, probs.size(-1))
     if probs.device.type == "cpu" and k < probs.size(-1):
         top = probs.topk(k, dim=-1).values  # (B, k), descending
-        cutoff = torch.cond((top.sum(dim=-1) >= p).all(),
-                            lambda probs, top: nucleus_cutoff(top, p),
-                            lambda probs, top: nucleus_cutoff(probs.sort(dim=-1, descending=True).values, p),
-                            (probs, top))
+        held = (top.sum(dim=-1) >= p).all()  # the nucleus of every row is among the candidates
+
+        def among_candidates(probs, top):
+            return nucleus_cutoff(top, p)
+
+        def among_all(probs, top):
+            return nucleus_cutoff(probs.sort(dim=-1, descending=True).values, p)  # (B, V) sorted
+
+        if torch.compiler.is_compiling():
+            cutoff = torch.cond(held, among_candidates, among_all, (probs, top))
+        else:
+            cutoff = among_candidates(probs, top) if held else among_all(probs, top)
     else:
         cutoff = nucleus_cutoff(probs.sort(dim=-1, descending=True).values, p)
     return logits.masked_fill(probs < cutoff, float("-inf"))
