@@ -360,15 +360,22 @@ def write_model(path: Path, layout: dict[str, torch.Tensor], fill):
     bytes go (skip_data), fill writes each layer's bytes into the file's memory map, and
     seal_zip writes the checksums last.
     """
-    # torch.empty reserves address space only: a page exists once touched, and skip_data touches
-    # none. (Tensors of FakeTensorMode would do too, but their pickle spells the device anew each
-    # time, where torch.save's memoises it: a different file.)
-    skeleton = type(layout)((k, torch.empty(t.shape, dtype=t.dtype)) for k, t in layout.items())
+    # The skeleton's tensors are each a shared map of one sparse file: they have a shape, a dtype
+    # and a CPU storage of their own (so the pickle is torch.save's), but no memory, no disk and
+    # no commit charge (a host with strict overcommit would refuse 130 GB of torch.empty), and
+    # skip_data reads none of their bytes. (FakeTensorMode's tensors would do too, but their
+    # pickle spells the device anew each time, where torch.save's memoises it: another file.)
+    blank = path.with_name(f".blank-{path.name}")
+    with open(blank, "wb") as f:
+        f.truncate(max(t.numel() * t.element_size() for t in layout.values()))
+    skeleton = type(layout)((k, torch.from_file(str(blank), shared=True, size=t.numel(), dtype=t.dtype).view(t.shape))
+                            for k, t in layout.items())
     if hasattr(layout, "_metadata"):  # a module's state_dict (an OrderedDict with its versions)
         skeleton._metadata = layout._metadata
     with torch.serialization.skip_data():
         torch.save(skeleton, path)
     del skeleton
+    blank.unlink()
     if hasattr(os, "posix_fallocate"):  # claim the disk now: a full disk is an error here, not a crash later
         with open(path, "r+b") as f:
             os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
