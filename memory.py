@@ -25,6 +25,7 @@ OPTIM_BYTES = dict(fp32=8, bf16_kahan=6, bf16_sr=4)  # two moments (+ Kahan's in
 # The modes by precision, best first: float32 AdamW; float32-exact weights with bf16 moments;
 # unbiased but noisy stochastic rounding.
 WEIGHTS = ("fp32", "bf16_kahan", "bf16_sr")
+LOSS_CHUNK_BYTES = 32 * 2**20  # float32 logits per chunk of train.ChunkedOutputLoss (about 256 tokens of 32,001 pieces)
 PROCESS_GB = 1.0  # host memory of one rank besides the model: Python, torch, the data (0.3 GB after imports)
 
 
@@ -101,8 +102,7 @@ def plan(args: ModelArgs, o: Options) -> dict:
     # The loss (train.ChunkedOutputLoss): one chunk of float32 logits, which becomes their
     # gradient, and its compute-dtype copy; the output weight's float32 gradient and its cast;
     # the gradient of the hidden states.
-    chunk_bytes = 32 * 2**20  # train.ChunkedOutputLoss.CHUNK_BYTES
-    logits = chunk_bytes * (1 + cb / 4) + args.vocab_size * args.dim * (4 + cb) + T * args.dim * cb
+    logits = LOSS_CHUNK_BYTES * (1 + cb / 4) + args.vocab_size * args.dim * (4 + cb) + T * args.dim * cb
     gpu = dict(params=params, grads=grads, optim=optim, step=step, in_flight=in_flight,
                activations=activations, logits=logits)
     cpu_per_node = 0.0

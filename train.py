@@ -158,7 +158,7 @@ class ChunkedOutputLoss(torch.autograd.Function):
     computed in forward because nothing after the loss can change them but the scalar
     backward brings. Same FLOPs as the plain way, nothing recomputed; float32 softmax.
     """
-    CHUNK_BYTES = 32 * 2**20  # of float32 logits per chunk (about 256 tokens of 32,001 pieces)
+    CHUNK_BYTES = memory.LOSS_CHUNK_BYTES  # of float32 logits per chunk: the memory plan counts the same
 
     @staticmethod
     def forward(ctx, h, output, targets, grad_enabled):  # h (N, D), output (V, D), targets (N,)
