@@ -52,7 +52,7 @@ class Settings:
     penalize_prompt: bool = False  # count the prompt's tokens as seen too
     max_len: Annotated[int, Range(ge=1)] = 2048  # tokens of a conversation, prompt + answer, in all (and never more than the model's max_seq_len)
     seed: Annotated[int, Range(ge=0, lt=2**32)] = 0  # with the prompt's id, it keys each answer's draws: the same answer whatever the batch
-    compile: bool = False  # torch.compile the decode step (CUDA graphs on GPU; on CPU 2-3x faster at batch 1); each new cache length compiles once (seconds to a minute)
+    compile: bool = False  # torch.compile the decode step (CUDA graphs on GPU; on CPU 2-5x faster at batch 1); each new cache length compiles once (seconds to a minute)
 
 
 @dataclass
