@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_decode_hf import LIMA, hf_generate  # noqa: E402
 from cli import parse_config  # noqa: E402
-from common import LIMA_DATA, LLAMA_TOKENIZER, MODELS, OthersCPU, hf_llama, machine, markdown, wait_quiet  # noqa: E402
+from common import LIMA_DATA, LLAMA_TOKENIZER, MODELS, OthersCPU, hf_llama, machine, markdown, record, wait_quiet  # noqa: E402
 from data import Tokenizer  # noqa: E402
 from model import Transformer  # noqa: E402
 from sample import generate  # noqa: E402
@@ -118,10 +118,7 @@ def main(argv):
              f"rows). Median of {cfg.repeats} alternating runs; others' CPU {others.share:.0%}."]
     text = "\n".join([title, "", command, "", *markdown(["arm", "seconds", "answered tok/s", "x HF static"], rows),
                       "", *notes])
-    print(text)
-    if cfg.results:
-        with open(ROOT / cfg.results, "a") as f:  # others append to this file too: never overwrite
-            f.write("\n" + text + "\n")
+    record(text, cfg.results)
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ time of a generate that stops after the first token), medians of --repeats timin
 it reads one row per token, so it takes at least (those bytes) / (read bandwidth), the bandwidth
 measured just before and just after each model and batch's timings (bench/common.py
 read_bandwidth_gbs; the higher of the two: a VM's bandwidth varies with its neighbours); the
-column is that bound over the measured step time. A model whose weights fit in the CPU's caches can beat it; one far below it
-is paying for something else (per-op overhead, sampling).
+column is that bound over the measured step time. A model whose weights fit in the CPU's caches
+can beat it; one far below it is paying for something else (per-op overhead, sampling).
 """
 
 import statistics
@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from cli import parse_config  # noqa: E402
-from common import MODELS, OthersCPU, hf_llama, machine, markdown, read_bandwidth_gbs, wait_quiet  # noqa: E402
+from common import MODELS, OthersCPU, hf_llama, machine, markdown, read_bandwidth_gbs, record, wait_quiet  # noqa: E402
 from model import Transformer  # noqa: E402
 from sample import Settings, generate  # noqa: E402
 
@@ -165,10 +165,7 @@ def main(argv):
              f"T 0.7, top-p 0.9, repetition penalty 1.2")
     command = f"    python bench/bench_decode_hf.py {' '.join(argv)}".rstrip()
     text = "\n".join([title, "", command, "", *markdown(header, rows), "", *notes])
-    print(text)
-    if cfg.results:
-        with open(ROOT / cfg.results, "a") as f:  # others append to this file too: never overwrite
-            f.write("\n" + text + "\n")
+    record(text, cfg.results)
 
 
 if __name__ == "__main__":

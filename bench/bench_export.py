@@ -42,11 +42,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_memory import RssPoller  # noqa: E402
+import checkpoint  # noqa: E402
+from bench_memory import RssPoller, random_model  # noqa: E402
 from cli import parse_config  # noqa: E402
-from common import LLAMA_TOKENIZER, OthersCPU, machine, markdown, wait_quiet  # noqa: E402
-from data import Tokenizer  # noqa: E402
-from model import ModelArgs, Transformer  # noqa: E402
+from common import OthersCPU, machine, markdown, record, wait_quiet  # noqa: E402
 
 
 @dataclass
@@ -65,15 +64,9 @@ GB = 1e9
 LARGEST_65B = 32001 * 8192 * 4  # bytes of 65B's float32 embedding (or output), its largest tensor
 
 
-def make_checkpoint(cfg: BenchConfig, path: Path) -> tuple[ModelArgs, int, int]:
-    """A random training checkpoint; returns (its args, parameters, bytes of its largest tensor)."""
-    tokenizer = LLAMA_TOKENIZER if LLAMA_TOKENIZER.is_file() else ROOT / "data/tokenizer.model"
-    args = ModelArgs(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-                     vocab_size=Tokenizer(tokenizer).vocab_size)  # with EOT, as a fine-tuned model
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in Transformer(args).state_dict().items()}
-    torch.manual_seed(0)
-    state = {k: torch.ones(s) if len(s) == 1 else torch.randn(s) * 0.02 for k, s in shapes.items()}
+def make_checkpoint(cfg: BenchConfig, path: Path) -> tuple[int, int]:
+    """A random training checkpoint; returns (parameters, bytes of its largest tensor)."""
+    args, state, tokenizer = random_model(cfg.dim, cfg.n_layers, cfg.n_heads, with_eot=True)  # fine-tuned
     path.mkdir(parents=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # one process, on purpose
@@ -81,12 +74,11 @@ def make_checkpoint(cfg: BenchConfig, path: Path) -> tuple[ModelArgs, int, int]:
     (path / "params.json").write_text(json.dumps(asdict(args)))
     shutil.copyfile(tokenizer, path / "tokenizer.model")
     (path / "state.json").write_text(json.dumps(dict(step=1, epoch=1, world_size=1, config={})))
-    return args, sum(v.numel() for v in state.values()), max(v.numel() * 4 for v in state.values())
+    return sum(v.numel() for v in state.values()), max(v.numel() * 4 for v in state.values())
 
 
 def worker(cfg: BenchConfig):
     poller = RssPoller()
-    import checkpoint
     t0 = time.perf_counter()
     if cfg.worker == "floor":
         checkpoint.read_metadata(Path(cfg.src) / "model")
@@ -124,7 +116,7 @@ def main(argv):
         return worker(cfg)
     work = Path(cfg.workdir) / f"lima-bench-export-{os.getpid()}"
     try:
-        args, n_params, largest = make_checkpoint(cfg, work / "epoch-01")
+        n_params, largest = make_checkpoint(cfg, work / "epoch-01")
         dcp_bytes = sum(p.stat().st_size for p in (work / "epoch-01/model").iterdir())
         load_before = wait_quiet()
         results = {}
@@ -156,10 +148,7 @@ def main(argv):
              f"{(floor + above / largest * LARGEST_65B) / GB:.1f} GB peak RSS, file pages included, where "
              f"the whole model in bf16 is 130.6 GB."]
     text = "\n".join([title, "", command, "", *markdown(header, rows), "", *notes])
-    print(text)
-    if cfg.results:
-        with open(ROOT / cfg.results, "a") as f:  # others append to this file too: never overwrite
-            f.write("\n" + text + "\n")
+    record(text, cfg.results)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import train  # noqa: E402
 from bench_decode import MODELS  # noqa: E402  (tiny, 100m, 1b: the same shapes as the decode benchmark)
 from cli import parse_config  # noqa: E402
-from common import machine, markdown  # noqa: E402
+from common import machine, markdown, record  # noqa: E402
 from data import IGNORE  # noqa: E402
 
 
@@ -126,10 +126,7 @@ def main(argv):
              f"per step, median of {cfg.steps} steps after {cfg.warmup}")
     command = f"    python bench/bench_gpu.py {' '.join(argv)}".rstrip()
     text = "\n".join([title, "", command, "", *markdown(header, rows)])
-    print(text)
-    if cfg.results:
-        with open(ROOT / cfg.results, "a") as f:  # others append to this file too: never overwrite
-            f.write("\n" + text + "\n")
+    record(text, cfg.results)
     torch.distributed.destroy_process_group()
 
 

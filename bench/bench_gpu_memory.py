@@ -54,7 +54,7 @@ import train  # noqa: E402
 from bench_decode import MODELS  # noqa: E402  (tiny, 100m, 1b: the same shapes as the decode benchmark)
 from bench_gpu import peak_flops, sync  # noqa: E402
 from cli import parse_config  # noqa: E402
-from common import machine, markdown  # noqa: E402
+from common import machine, markdown, record  # noqa: E402
 
 
 @dataclass
@@ -173,10 +173,7 @@ def main(argv):
              f"torch.cuda.max_memory_allocated from before the model is built to after the last step "
              f"(without the CUDA context, NCCL buffers and cached free blocks){leftover}. loss: the last step's."]
     text = "\n".join([title, "", command, "", *markdown(header, rows), "", *notes])
-    print(text)
-    if cfg.results:
-        with open(ROOT / cfg.results, "a") as f:  # others append to this file too: never overwrite
-            f.write("\n" + text + "\n")
+    record(text, cfg.results)
     dist.destroy_process_group()
 
 

@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import train  # noqa: E402
 from cli import parse_config  # noqa: E402
-from common import LLAMA_TOKENIZER, OthersCPU, machine, markdown, wait_quiet  # noqa: E402
+from common import LLAMA_TOKENIZER, OthersCPU, machine, markdown, record, wait_quiet  # noqa: E402
 from data import Tokenizer  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 
@@ -62,15 +62,24 @@ class BenchConfig:
 GB = 1e9
 
 
-def make_checkpoint(cfg: BenchConfig, path: Path) -> tuple[int, int]:
-    """A random model in convert.py's format; returns (parameters, bytes of model.pth)."""
+def random_model(dim: int, n_layers: int, n_heads: int, with_eot: bool) -> tuple[ModelArgs, dict, Path]:
+    """A seeded random model's float32 weights (norm gains 1, matrices N(0, 0.02)), its args and the
+    tokenizer it fits (Meta's when shared/ has it, else the project's); with_eot: its vocabulary
+    includes LIMA's EOT, as a fine-tuned model's does, else it is a base model's."""
     tokenizer = LLAMA_TOKENIZER if LLAMA_TOKENIZER.is_file() else ROOT / "data/tokenizer.model"
-    n_base = Tokenizer(tokenizer).n_base
-    args = ModelArgs(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, vocab_size=n_base)
+    tok = Tokenizer(tokenizer)
+    vocab_size = tok.vocab_size if with_eot else tok.n_base
+    args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, vocab_size=vocab_size)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in Transformer(args).state_dict().items()}
     torch.manual_seed(0)
     state = {k: torch.ones(s) if len(s) == 1 else torch.randn(s) * 0.02 for k, s in shapes.items()}
+    return args, state, tokenizer
+
+
+def make_checkpoint(cfg: BenchConfig, path: Path) -> tuple[int, int]:
+    """A random base model in convert.py's format; returns (parameters, bytes of model.pth)."""
+    args, state, tokenizer = random_model(cfg.dim, cfg.n_layers, cfg.n_heads, with_eot=False)
     path.mkdir(parents=True)
     params = {k: v for k, v in asdict(args).items() if k not in ("resid_dropout", "vocab_size")}
     (path / "params.json").write_text(json.dumps(params))
@@ -164,10 +173,7 @@ def main(argv):
              "every 10 ms (not necessarily at the same moment). floor: the same process loading nothing. "
              "seconds: build and load."]
     text = "\n".join([title, "", command, "", *markdown(header, rows), "", *notes])
-    print(text)
-    if cfg.results:
-        with open(ROOT / cfg.results, "a") as f:  # others append to this file too: never overwrite
-            f.write("\n" + text + "\n")
+    record(text, cfg.results)
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import train  # noqa: E402
 from cli import parse_config  # noqa: E402
 from common import (LIMA_DATA, LLAMA_TOKENIZER, MODELS, OthersCPU, hf_llama, machine,  # noqa: E402
-                    markdown, peak_rss_gb, wait_quiet)
+                    markdown, peak_rss_gb, record, wait_quiet)
 from data import IGNORE, Batches, Tokenizer, collate, load_dataset  # noqa: E402
 
 
@@ -399,10 +399,7 @@ def main(argv):
                     f"machine used by other processes during the arm.")
     command = f"    python bench/bench_train.py {' '.join(argv)}".rstrip()
     text = "\n".join([title, "", command, "", *(markdown(header, table) + [""] if rows else []), *notes])
-    print(text)
-    if cfg.results:
-        with open(ROOT / cfg.results, "a") as f:  # others append to this file too: never overwrite
-            f.write("\n" + text + "\n")
+    record(text, cfg.results)
 
 
 def transformers_version() -> str:

@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import convert  # noqa: E402
 from checkpoint import load_model  # noqa: E402
 from cli import parse_config  # noqa: E402
-from common import LIMA_DATA, LLAMA_TOKENIZER, machine, markdown  # noqa: E402
+from common import LIMA_DATA, LLAMA_TOKENIZER, machine, markdown, record  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 from sample import Settings, generate  # noqa: E402
 
@@ -165,10 +165,7 @@ def main(argv):
               "decode differs from the text", "(sentencepiece's decode differs from the text)"]
     command = f"    python bench/check_hf_export.py {' '.join(argv)}".rstrip()
     text = "\n".join([title, "", command, "", *markdown(header, rows), "", *notes])
-    print(text)
-    if cfg.results:
-        with open(ROOT / cfg.results, "a") as f:  # others append to this file too: never overwrite
-            f.write("\n" + text + "\n")
+    record(text, cfg.results)
     if not agreed:
         sys.exit("the export disagrees with sentencepiece or sample.py: see above")
 

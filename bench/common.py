@@ -126,6 +126,15 @@ def peak_rss_gb() -> float:
     return float("nan")
 
 
+def record(text: str, results: str):
+    """Print a benchmark's table and append it to results (a path relative to the repository; "" to
+    skip), as every benchmark keeps its figures: with the machine and the date in its title."""
+    print(text)
+    if results:
+        with open(ROOT / results, "a") as f:  # others append to this file too: never overwrite
+            f.write("\n" + text + "\n")
+
+
 def markdown(header: list[str], rows: list[list]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
             *("| " + " | ".join(str(v) for v in row) + " |" for row in rows)]
