@@ -24,6 +24,7 @@ import argparse
 import difflib
 import inspect
 import math
+import os
 import re
 import sys
 import typing
@@ -93,6 +94,16 @@ def check_device(name: str) -> str:
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
         raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, not {name!r}")
     return name
+
+
+def huge_pages_for_tensors():
+    """Have torch back each CPU tensor of 2 MB or more with 2 MB pages (Linux's transparent huge
+    pages, through torch's THP_MEM_ALLOC_ENABLE). A decode step reads every weight once; with
+    4 KB pages that is a page-table walk every 4 KB. Measured on 2 cores of a Xeon: a 100m
+    model's compiled batch-1 step 19.1 ms against 20.2. torch reads the variable at its first
+    allocation, so call this before importing torch; a THP_MEM_ALLOC_ENABLE already set wins.
+    For decoding only: training allocates many activations of a few MB, which would round up."""
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
 def parse_config(cls, argv: list[str]):

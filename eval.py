@@ -39,7 +39,7 @@ from collections import Counter
 from pathlib import Path
 
 import judge
-from cli import Parser, at_least, device_name, fail
+from cli import Parser, at_least, device_name, fail, huge_pages_for_tensors
 from judge import EvalError, Quit
 from report import write_report
 
@@ -237,6 +237,8 @@ def main(argv: list[str]):
 if __name__ == "__main__" and build_parser().parse_args(sys.argv[1:]).command not in MODEL_COMMANDS:
     main(sys.argv[1:])
     sys.exit()
+if __name__ == "__main__":
+    huge_pages_for_tensors()  # answers decode: see cli.py; before torch is imported
 
 
 # ---- checkpoints: dev loss and answers, the two commands that load a model ----

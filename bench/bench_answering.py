@@ -30,14 +30,17 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from cli import huge_pages_for_tensors, parse_config  # noqa: E402
+
+huge_pages_for_tensors()  # as sample.py and eval.py decode (both arms of a comparison): before torch
+
+import torch  # noqa: E402
+
 from bench_decode_hf import LIMA, hf_generate  # noqa: E402
-from cli import parse_config  # noqa: E402
 from common import LIMA_DATA, LLAMA_TOKENIZER, MODELS, OthersCPU, hf_llama, machine, markdown, record, wait_quiet  # noqa: E402
 from data import Tokenizer  # noqa: E402
 from model import Transformer  # noqa: E402

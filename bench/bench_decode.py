@@ -22,10 +22,14 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from cli import huge_pages_for_tensors  # noqa: E402
+
+huge_pages_for_tensors()  # as sample.py and eval.py decode (both arms of a comparison): before torch
+
+import torch  # noqa: E402
 
 from model import DTYPES, ModelArgs, Transformer  # noqa: E402
 from sample import Settings, generate, parse_config  # noqa: E402

@@ -37,13 +37,16 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from cli import parse_config  # noqa: E402
+from cli import huge_pages_for_tensors, parse_config  # noqa: E402
+
+huge_pages_for_tensors()  # as sample.py and eval.py decode (both arms of a comparison): before torch
+
+import torch  # noqa: E402
+
 from common import MODELS, OthersCPU, hf_llama, machine, markdown, read_bandwidth_gbs, record, wait_quiet  # noqa: E402
 from model import Transformer  # noqa: E402
 from sample import Settings, generate  # noqa: E402

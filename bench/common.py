@@ -112,10 +112,21 @@ def read_bandwidth_gbs(gb: float = 2.0, repeats: int = 5) -> float:
     return x.numel() * 4 / best / 1e9
 
 
+def cpu_name() -> str:
+    """The CPU's model name (VMs of one kernel and platform string have run on AMD and Intel hosts)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")
+
+
 def machine(load_before: float) -> str:
     """The header line every results table carries."""
-    return (f"{platform.platform()}, {torch.get_num_threads()} threads of {os.cpu_count()} CPUs, "
-            f"load {load_before:.2f} before and {os.getloadavg()[0]:.2f} after, torch {torch.__version__}")
+    pages = "on" if os.environ.get("THP_MEM_ALLOC_ENABLE") == "1" else "off"
+    return (f"{platform.platform()}, {cpu_name()}, {torch.get_num_threads()} threads of {os.cpu_count()} CPUs, "
+            f"huge pages for tensors {pages}, load {load_before:.2f} before and {os.getloadavg()[0]:.2f} after, "
+            f"torch {torch.__version__}")
 
 
 def peak_rss_gb() -> float:

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (CacheSlots, ModelArgs, Transformer, apply_rotary_emb, extend_vocab, precompute_freqs_cis,
-                   resolve_device, resolve_dtype)
+from model import (CacheSlots, ModelArgs, Transformer, apply_rotary_emb, extend_vocab, one_token_attention,
+                   precompute_freqs_cis, resolve_device, resolve_dtype)
 
 TINY = dict(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=101, multiple_of=16,
             max_seq_len=64)
@@ -211,6 +211,21 @@ def test_reading_the_filled_slots_equals_reading_the_whole_cache():
     filled = model.forward_cached(nxt, slots(torch.full((2, 1), 6), 7))
     torch.testing.assert_close(filled, whole, rtol=1e-6, atol=1e-7)
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_token_attention_equals_sdpa_with_grouped_heads_and_masked_slots(dtype):
+    """The decode step's written-out attention (the CPU's T == 1 path) against SDPA: 8 query heads
+    over 2 kv heads, rows at different positions, slots past each row's position masked out."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 8, 1, 16), torch.randn(3, 2, 40, 16), torch.randn(3, 2, 40, 16)
+    mask = torch.arange(40)[None, None, None, :] <= torch.tensor([0, 17, 39])[:, None, None, None]  # (3, 1, 1, 40)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    got = one_token_attention(q.to(dtype), k.to(dtype), v.to(dtype), mask)
+    assert got.dtype == dtype and got.shape == want.shape
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+    torch.testing.assert_close(got[0].float(), v[0, [0, 0, 0, 0, 1, 1, 1, 1], :1].to(dtype).float())  # row 0 sees slot 0 only
 
 # ---- LIMA's residual dropout ----
 
