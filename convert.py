@@ -357,8 +357,9 @@ def write_model(path: Path, layout: dict[str, torch.Tensor], fill):
 
     The file is byte for byte what torch.save of the filled dict writes, but the dict never exists
     whole: torch.save first writes the pickle and the zip's index with holes where the tensors'
-    bytes go (skip_data), fill writes each layer's bytes into the file's memory map, and
-    seal_zip writes the checksums last.
+    bytes go (skip_data), fill writes each layer's bytes into the file's memory map, each
+    tensor's CRC-32 is taken while its pages are still in memory, and seal_zip writes the
+    checksums last (so the file is not read a second time: 130 GB at 65B).
     """
     # The skeleton's tensors are each a shared map of one sparse file: they have a shape, a dtype
     # and a CPU storage of their own (so the pickle is torch.save's), but no memory, no disk and
@@ -379,13 +380,19 @@ def write_model(path: Path, layout: dict[str, torch.Tensor], fill):
     if hasattr(os, "posix_fallocate"):  # claim the disk now: a full disk is an error here, not a crash later
         with open(path, "r+b") as f:
             os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
+    # torch.save names each tensor's record by the order the pickle meets its storage: the
+    # skeleton's i-th tensor (one storage each) is record data/i.
+    record = {k: str(i) for i, k in enumerate(layout)}
+    crcs = {}
     layers = [list(keys) for _, keys in itertools.groupby(layout, key=layer_of)]
     for keys in tqdm(layers, desc=path.name, unit="layer", disable=None):
         with torch.serialization.set_default_mmap_options(mmap.MAP_SHARED):  # writes reach the file
             out = torch.load(path, mmap=True, weights_only=True)
         fill({k: out[k] for k in keys})
+        for k in keys:
+            crcs[record[k]] = zlib.crc32(out[k].reshape(-1).view(torch.uint8).numpy())
         del out  # unmapped: the written pages leave this process (the kernel writes them back)
-    seal_zip(path)
+    seal_zip(path, crcs)
 
 
 def hash_combine(seed: int, value: int) -> int:
@@ -393,18 +400,29 @@ def hash_combine(seed: int, value: int) -> int:
     return (seed ^ (value + 0x9E3779B9 + (seed << 6) + (seed >> 2))) & (2**64 - 1)
 
 
-def seal_zip(path: Path, chunk: int = 1 << 24):
+def storage_key(name: str) -> str | None:
+    """A zip record's storage key: archive/data/KEY -> KEY; None for the pickle and the rest."""
+    parent, _, key = name.rpartition("/")
+    return key if parent.rpartition("/")[2] == "data" else None
+
+
+def seal_zip(path: Path, storage_crcs: dict[str, int]):
     """Write the CRC-32 of every record into a zip that torch.save wrote with skip_data (it leaves
     them 0, and `unzip -t` would call the file corrupt), and the serialization id that torch.save
     derives from them (20 digits hashing the records' names, then 20 folding their CRC-32s in
-    order). Each record is read in chunks: memory stays at `chunk` bytes."""
+    order). The tensors' CRC-32s come from the caller, by storage key (storage_key); the other
+    records (the pickle, the version strings: kilobytes) are read."""
     with zipfile.ZipFile(path) as z:
         records = sorted(z.infolist(), key=lambda r: r.header_offset)
         directory = z.start_dir
     if not records[-1].filename.endswith("/.data/serialization_id") or records[-1].file_size != 40:
         raise ValueError(f"{path}: torch.save wrote a zip of a layout this code does not know")
-    crcs, total = {}, sum(r.file_size for r in records)
-    with open(path, "r+b") as f, tqdm(total=total, desc="checksums", unit="B", unit_scale=True, disable=None) as bar:
+    keys = {storage_key(r.filename) for r in records} - {None}
+    if keys != set(storage_crcs):
+        raise ValueError(f"{path}: checksums for {len(storage_crcs)} tensors, but {len(keys)} tensor "
+                         f"records: not the file they were taken for")
+    crcs = {}
+    with open(path, "r+b") as f:
         def data_at(r: zipfile.ZipInfo) -> int:
             f.seek(r.header_offset + 26)
             name_len, extra_len = struct.unpack("<HH", f.read(4))  # the local header's lengths
@@ -419,11 +437,10 @@ def seal_zip(path: Path, chunk: int = 1 << 24):
 
         combined = 0
         for r in records[:-1]:
-            start, crc = data_at(r), 0
-            f.seek(start)
-            for done in range(0, r.file_size, chunk):
-                crc = zlib.crc32(f.read(min(chunk, r.file_size - done)), crc)
-                bar.update(min(chunk, r.file_size - done))
+            start, crc = data_at(r), storage_crcs.get(storage_key(r.filename))
+            if crc is None:
+                f.seek(start)
+                crc = zlib.crc32(f.read(r.file_size))
             write_crc(r, start, crc)
             combined = hash_combine(combined, crc)
         start = data_at(records[-1])
