@@ -238,7 +238,7 @@ if __name__ == "__main__" and build_parser().parse_args(sys.argv[1:]).command no
     main(sys.argv[1:])
     sys.exit()
 if __name__ == "__main__":
-    huge_pages_for_tensors()  # answers decode: see cli.py; before torch is imported
+    huge_pages_for_tensors()  # both commands load a model and answers decodes (see cli.py): before torch
 
 
 # ---- checkpoints: dev loss and answers, the two commands that load a model ----
